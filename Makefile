@@ -1,0 +1,25 @@
+# seresnet-stack: `make demo` (the main job), `make test` (the whole suite), `make bench` (side-by-side figures).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: venv demo test test-fast bench readme clean
+
+venv:
+	@bash scripts/setup_env.sh
+
+demo: venv
+	$(PY) -m scripts.demo
+
+test: venv
+	$(PY) -m pytest -v --durations=25 tests
+
+test-fast: venv
+	$(PY) -m pytest -v -m "not slow" tests
+
+bench: venv
+	$(PY) -m scripts.bench
+
+clean:
+	rm -rf runs .cache
