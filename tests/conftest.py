@@ -1,0 +1,69 @@
+"""Shared fixtures: small real ImageFolders (PNG/JPEG files drawn with PIL), a smoke config, repo paths."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SMOKE_CONFIG = ROOT / "configs" / "smoke.yaml"
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def draw_sample(shape: str, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """One real image: a coloured shape of random size/position on a noisy background."""
+    bg = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(bg)
+    d = ImageDraw.Draw(img)
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+    color = tuple(int(v) for v in rng.integers(150, 256, size=3))
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    else:
+        w = max(2, r // 3)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+    return img
+
+
+def make_imagefolder(root: Path, classes: int = 3, counts=(16, 6, 6), size: int = 40, seed: int = 0,
+                     fmt: str = "png") -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val", "test"), counts):
+        for c in SHAPES[:classes]:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                draw_sample(c, rng, size).save(d / f"{c}_{i:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """3 classes x (16 train, 6 val, 6 test) 40x40 PNGs. Read-only: copy it before breaking it."""
+    return make_imagefolder(tmp_path_factory.mktemp("tiny") / "images")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env.update(extra)
+    return env
