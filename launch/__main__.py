@@ -1,0 +1,108 @@
+"""Command line: ``python -m launch {local,multinode,k8s}`` (see ``--help`` of each)."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from launch.torchrun import (ENGINES, LaunchError, build_local_argv, build_multinode_argv, launch_env)
+
+EPILOG = """examples:
+  python -m launch local --nproc 2 -- --config configs/smoke.yaml --set data.root=data/animals
+  python -m launch local --nproc 8 --engine deepspeed -- --config configs/demo.yaml
+  python -m launch multinode --nnodes 2:4 --nproc-per-node 8 --rdzv-endpoint node0:29400 \\
+      --rdzv-id run42 -- --config configs/demo.yaml          (run the same command on every node)
+  python -m launch k8s --config configs/demo.yaml --out runs/k8s/demo && kubectl apply -k runs/k8s/demo
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m launch",
+        description="Run the trainer (`python -m train`) under torchrun on one machine or several nodes, "
+                    "or render its Kubernetes job. Arguments after `--` go to the trainer unchanged.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{local,multinode,k8s}")
+
+    local = sub.add_parser("local", help="N processes on this machine (torchrun --standalone)",
+                           description="Run N trainer processes on this machine with torchrun --standalone "
+                                       "(rendezvous on a free local port). DeepSpeed runs under the same torchrun.",
+                           usage="python -m launch local --nproc N [--engine {ddp,deepspeed}] [--dry-run] -- TRAIN_ARGS...")
+    local.add_argument("--nproc", type=int, required=True, help="processes (one per GPU; on CPU, one per share of the cores)")
+    local.add_argument("--engine", choices=ENGINES, help="sets --set engine=... for the trainer (default: the config's engine)")
+    local.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
+
+    multi = sub.add_parser("multinode", help="one node of a multi-node job (c10d rendezvous; bare metal or Slurm)",
+                           description="Run this same command on every node (bare metal, or `srun` once per node). "
+                                       "torchrun's c10d rendezvous gathers MIN..MAX nodes at HOST:PORT, assigns node "
+                                       "ranks, and restarts the worker group up to --max-restarts times on failures.",
+                           usage="python -m launch multinode --nnodes MIN:MAX --nproc-per-node G --rdzv-endpoint HOST:PORT "
+                                 "--rdzv-id ID [--max-restarts K] [--engine {ddp,deepspeed}] [--dry-run] -- TRAIN_ARGS...")
+    multi.add_argument("--nnodes", required=True, help="N, or MIN:MAX for an elastic job")
+    multi.add_argument("--nproc-per-node", type=int, required=True, help="processes per node (= GPUs per node)")
+    multi.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of the rendezvous store (one of the nodes, e.g. the first)")
+    multi.add_argument("--rdzv-id", required=True, help="job id shared by all nodes of this run")
+    multi.add_argument("--max-restarts", type=int, default=3, help="worker-group restarts before failing (default 3)")
+    multi.add_argument("--engine", choices=ENGINES, help="sets --set engine=... for the trainer")
+    multi.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
+
+    k8s = sub.add_parser("k8s", help="render the Kubernetes training job from a training config",
+                         description="Render a kustomize overlay (kustomization.yaml + train-config.yaml) that applies the "
+                                     "repository's training manifests with this config: image, nodes, GPUs per node, engine, "
+                                     "resources and PVCs come from its cluster.* and engine keys. Apply with `kubectl apply -k OUT`.")
+    k8s.add_argument("--config", required=True, help="training config YAML (the same file `python -m train` reads)")
+    k8s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override, repeatable (e.g. --set cluster.nnodes=4)")
+    k8s.add_argument("--out", required=True, help="output folder for the overlay")
+    k8s.add_argument("--kind", choices=("pytorchjob", "indexed-job"), default="pytorchjob",
+                     help="Kubeflow PyTorchJob (default) or a plain batch/v1 Indexed Job for clusters without the operator")
+    k8s.add_argument("--name", help="job name (default seresnet50-<engine>, or seresnet50-indexed)")
+    k8s.add_argument("--data-root", default="/data", help="ImageFolder path inside the pod (the data PVC is mounted at /data)")
+    return ap
+
+
+def _split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    own, train_args = _split_train_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(own)
+    try:
+        if args.command == "k8s":
+            if train_args:
+                raise LaunchError("`launch k8s` takes no trainer arguments after `--`; use --set KEY=VALUE.")
+            from launch.k8s import render_training_job
+            from train.config import ConfigError, load_config
+            try:
+                cfg = load_config(args.config, args.overrides)
+            except ConfigError as err:
+                raise LaunchError(str(err)) from None
+            out = render_training_job(cfg, args.out, kind=args.kind, name=args.name, data_root=args.data_root)
+            print(f"wrote {out}/kustomization.yaml and {out}/train-config.yaml; apply with: kubectl apply -k {out}")
+            return 0
+        if args.command == "local":
+            cmd = build_local_argv(args.nproc, train_args, engine=args.engine)
+        else:
+            cmd = build_multinode_argv(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id,
+                                       train_args, engine=args.engine, max_restarts=args.max_restarts)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    # exec: signals (Ctrl-C, SIGTERM from Slurm or the kubelet) reach torchrun directly.
+    os.execve(cmd[0], cmd, launch_env())
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
