@@ -84,10 +84,13 @@ def _ports(rdzv_name: str, nproc: int) -> list[dict]:
         {"name": f"metrics-{i}", "containerPort": METRICS_PORT + i} for i in range(nproc)]
 
 
-def _podmonitor_patch(nproc: int) -> dict:
+def _podmonitor_patch(nproc: int, job_label: str, job_name: str) -> dict:
     return {"target": {"group": "monitoring.coreos.com", "version": "v1", "kind": "PodMonitor", "name": "seresnet-train"},
-            "patch": yaml.safe_dump([{"op": "replace", "path": "/spec/podMetricsEndpoints",
-                                      "value": [{"port": f"metrics-{i}", "interval": "15s"} for i in range(nproc)]}])}
+            "patch": yaml.safe_dump([
+                {"op": "replace", "path": "/spec/podMetricsEndpoints",
+                 "value": [{"port": f"metrics-{i}", "interval": "15s"} for i in range(nproc)]},
+                {"op": "replace", "path": f"/spec/selector/matchLabels/{job_label.replace('/', '~1')}", "value": job_name},
+            ], sort_keys=False)}
 
 
 def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name: Optional[str] = None,
@@ -116,7 +119,8 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         "# Rendered by `python -m launch k8s` from the training config; the pods read this file.\n"
         + yaml.safe_dump(cluster_train_config(cfg, job_name, data_root), sort_keys=False))
 
-    patches = [_podmonitor_patch(nproc)]
+    job_label = "training.kubeflow.org/job-name" if kind == "pytorchjob" else "job-name"
+    patches = [_podmonitor_patch(nproc, job_label, job_name)]
     if kind == "pytorchjob":
         prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec"
         ops = [
