@@ -93,6 +93,7 @@ class TrainConfig(_Section):
     max_nan_skips: int = Field(20, ge=0, description="With nan_policy=skip: stop after this many skipped steps.")
     eval_every_epochs: int = Field(1, ge=1, description="Validate every N epochs (and at the end).")
     threads: int = Field(0, ge=0, description="torch intra-op threads per rank on CPU (0 = cores / local ranks).")
+    record_samples: bool = Field(False, description="Append each rank's trained sample indices to <output_dir>/samples/rank<r>.txt (checks sharding).")
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps in total (0 = no limit; for smoke tests).")
 
 

@@ -1,0 +1,62 @@
+"""``python -m train --config FILE [--set key=value ...]``: the same command single-process or under torchrun."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from train.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train SE-ResNet50 on an ImageFolder (train/ val/ test/). Run it as is for one process, or under "
+                    "torchrun / `python -m launch local --nproc N` for DDP or DeepSpeed. Rerunning with the same "
+                    "output_dir resumes from its last checkpoint (--set train.resume=false starts over). Writes "
+                    "<output_dir>/report.json (test_top1, per-class recall, confusion matrix), checkpoints/, "
+                    "metrics.jsonl and config.yaml.")
+    p.add_argument("--config", help="YAML config (e.g. configs/demo.yaml); defaults apply without one")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.root=/data/imagenet --set train.epochs=5 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+
+    from train.checkpoint import CheckpointError
+    from train.data import DataError
+    from train.engine import EngineError, Trainer
+    from train.models import PretrainedError
+
+    try:
+        trainer = Trainer(cfg)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    except (DataError, EngineError, CheckpointError, PretrainedError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
