@@ -1,0 +1,183 @@
+"""`python -m serve`: export, quantize, trt, repository, up, classify. User errors end in one sentence and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from serve.errors import ServeError
+
+
+def _export(a) -> int:
+    from serve.export import export_onnx
+
+    r = export_onnx(a.checkpoint, a.out, images=a.images or None, atol=a.atol)
+    p = r["parity"]
+    print(f"[export] {r['onnx']} ({r['onnx_bytes'] / 1e6:.1f} MB, opset {r['opset']}); parity on {p['images']} images: "
+          f"max |ONNX - PyTorch| {p['max_abs_diff']:.2e} (tolerance {p['atol']:.0e}), top-1 agreement {p['top1_agreement']:.3f}")
+    if a.int8:
+        _quant_print(_quantize_run(a.checkpoint, Path(a.out) / "model.onnx", Path(a.out) / "model.int8.onnx", a.val_images, a.max_drift))
+    return 0
+
+
+def _quantize_run(ckpt, onnx, out, val, max_drift):
+    from serve.export import quantize_linear_int8
+
+    return quantize_linear_int8(onnx, out, ckpt, val_images=val or None, max_drift=max_drift)
+
+
+def _quant_print(q: dict) -> None:
+    print(f"[quantize] {q['onnx_int8']}: {q['int8_bytes'] / 1e6:.1f} MB vs {q['fp32_bytes'] / 1e6:.1f} MB; latency b1 "
+          f"{q['int8_latency_ms_b1']:.1f} vs {q['fp32_latency_ms_b1']:.1f} ms, b8 {q['int8_latency_ms_b8']:.1f} vs "
+          f"{q['fp32_latency_ms_b8']:.1f} ms; top-1 drift {q['top1_drift']:.1%} on {q['images']} images (bound {q['max_drift']:.1%})")
+
+
+def _quantize(a) -> int:
+    out = a.out or str(Path(a.onnx).with_name(Path(a.onnx).stem + ".int8.onnx"))
+    _quant_print(_quantize_run(a.checkpoint, a.onnx, out, a.val_images, a.max_drift))
+    return 0
+
+
+def _trt(a) -> int:
+    from serve.repository import plan_filename
+    from serve.tensorrt import build_plan, trtexec_command
+
+    cmd = trtexec_command(a.onnx, Path(a.out) / plan_filename("<CC>").replace("sm<CC>", "sm${CC}"), a.precision,
+                          a.min_batch, a.opt_batch, a.max_batch, calib_cache=a.calib_cache)
+    print("[trt] equivalent trtexec command (what the Kubernetes init container runs):")
+    print("  " + shlex.join(cmd).replace("'", "") + "    # ${CC}: the GPU's compute capability without the dot, e.g. 80")
+    if a.print_only:
+        return 0
+    r = build_plan(a.onnx, a.out, a.precision, a.min_batch, a.opt_batch, a.max_batch, a.workspace_mib,
+                   checkpoint=a.checkpoint, calib_images=a.calib_images, calib_count=a.calib_count,
+                   calib_batch=a.calib_batch, calib_cache=a.calib_cache)
+    print(f"[trt] {r['plan']} (compute capability {r['compute_capability']}, {r['precision']}, {r['seconds']} s)")
+    return 0
+
+
+def _repository(a) -> int:
+    from serve.repository import write_model_repository
+
+    out = write_model_repository(a.checkpoint, a.out, a.target, onnx_path=a.onnx, plan=a.plan, plan_cc=a.plan_cc,
+                                 ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads)
+    meta = json.loads((out / "repository.json").read_text())
+    print(f"[repository] {out} (target {a.target}): models {', '.join(meta['models'])}; "
+          f"serve it with: python -m serve up --repository {a.out}")
+    return 0
+
+
+def _up(a) -> int:
+    from serve.server import run_foreground
+
+    return run_foreground(a.repository, a.http_port, a.grpc_port, a.metrics_port, a.ready_timeout)
+
+
+def _classify(a) -> int:
+    from serve.client import classify_files
+
+    results = classify_files(a.images, a.url, a.protocol, a.k, a.model, a.concurrency, progress=not a.no_progress,
+                             max_attempts=a.max_attempts)
+    failed = 0
+    for r in results:
+        if r.ok:
+            tops = "  ".join(f"{p.label} {p.score:.3f}" for p in r.top)
+            print(f"{r.path}\t{tops}\t({r.latency_ms:.1f} ms)")
+        else:
+            failed += 1
+            print(f"{r.path}\tERROR: {r.error}")
+    if a.json:
+        Path(a.json).write_text(json.dumps([{"path": r.path, "error": r.error, "latency_ms": r.latency_ms,
+                                             "top": [p.__dict__ for p in r.top]} for r in results], indent=2))
+    if failed:
+        print(f"[classify] {failed} of {len(results)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve", description="Serve SE-ResNet50: export to "
+                                "ONNX/TensorRT, write a Triton model repository, run a local tritonserver, classify images.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="ONNX (opset 17, dynamic batch) + onnx.checker + parity against PyTorch on real images.")
+    e.add_argument("--checkpoint", required=True, help="a seresnet-stack checkpoint (e.g. runs/demo/checkpoints/best.pt)")
+    e.add_argument("--out", required=True, help="folder for model.onnx, labels.txt and export_report.json")
+    e.add_argument("--images", nargs="*", default=[], help="parity images (files or folders; default: scikit-image sample photos)")
+    e.add_argument("--atol", type=float, default=1e-4, help="largest |ONNX - PyTorch| probability difference accepted (default 1e-4)")
+    e.add_argument("--int8", action="store_true", help="also write model.int8.onnx (int8 MatMul/Gemm only) and report drift")
+    e.add_argument("--val-images", nargs="*", default=[], help="validation split for the int8 drift report (default: sample photos)")
+    e.add_argument("--max-drift", type=float, default=0.05, help="largest fraction of top-1 changes int8 may cause (default 0.05)")
+    e.set_defaults(func=_export)
+
+    q = sub.add_parser("quantize", help="Dynamic int8 of the Linear/Gemm layers with ONNX Runtime; size, latency, top-1 drift.")
+    q.add_argument("--onnx", required=True, help="fp32 model.onnx from 'export'")
+    q.add_argument("--checkpoint", required=True, help="the checkpoint it came from (for the eval transform)")
+    q.add_argument("--out", help="output path (default: <onnx stem>.int8.onnx next to it)")
+    q.add_argument("--val-images", nargs="*", default=[], help="validation split files/folders (default: sample photos)")
+    q.add_argument("--max-drift", type=float, default=0.05, help="largest fraction of top-1 changes accepted (default 0.05)")
+    q.set_defaults(func=_quantize)
+
+    t = sub.add_parser("trt", help="Build a TensorRT plan named for this GPU's compute capability (needs tensorrt and a GPU); prints the trtexec equivalent.")
+    t.add_argument("--onnx", required=True, help="model.onnx from 'export'")
+    t.add_argument("--out", default=".", help="folder for model.sm<CC>.plan (default: current folder)")
+    t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
+    t.add_argument("--min-batch", type=int, default=1)
+    t.add_argument("--opt-batch", type=int, default=16)
+    t.add_argument("--max-batch", type=int, default=32)
+    t.add_argument("--workspace-mib", type=int, default=4096)
+    t.add_argument("--checkpoint", help="int8: the checkpoint (its eval transform prepares calibration images)")
+    t.add_argument("--calib-images", nargs="*", default=[], help="int8: training images (files or folders)")
+    t.add_argument("--calib-count", type=int, default=512, help="int8: number of calibration images (default 512)")
+    t.add_argument("--calib-batch", type=int, default=16, help="int8: calibration batch size")
+    t.add_argument("--calib-cache", help="int8: calibration cache to reuse or write (default <out>/calibration.cache)")
+    t.add_argument("--print-only", action="store_true", help="only print the trtexec command")
+    t.set_defaults(func=_trt)
+
+    r = sub.add_parser("repository", help="Write a Triton model repository: se_resnet50, preprocess, the classify ensemble.")
+    r.add_argument("--checkpoint", required=True, help="a seresnet-stack checkpoint")
+    r.add_argument("--out", required=True, help="repository folder to write (e.g. runs/model_repository)")
+    r.add_argument("--target", choices=["cpu", "onnx", "tensorrt"], default="cpu",
+                   help="cpu: python backend + ONNX Runtime (local tritonserver); onnx: onnxruntime_onnx; tensorrt: tensorrt_plan (default cpu)")
+    r.add_argument("--onnx", help="reuse this model.onnx instead of exporting again")
+    r.add_argument("--plan", help="tensorrt: copy this plan (from 'trt') into the repository")
+    r.add_argument("--plan-cc", help="tensorrt: compute capability the plan was built for, e.g. 8.0")
+    r.add_argument("--ort-tensorrt", action="store_true", help="onnx: enable ONNX Runtime's TensorRT accelerator with an engine cache")
+    r.add_argument("--ort-threads", type=int, default=0, help="cpu: ONNX Runtime intra-op threads (0 = all cores)")
+    r.set_defaults(func=_repository)
+
+    u = sub.add_parser("up", help="Run tritonserver in the foreground on 127.0.0.1 until SIGTERM.")
+    u.add_argument("--repository", required=True, help="a repository written by 'repository'")
+    u.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = a free port)")
+    u.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = a free port)")
+    u.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (default 8002; 0 = a free port)")
+    u.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for all models to be ready (default 180)")
+    u.set_defaults(func=_up)
+
+    c = sub.add_parser("classify", help="Top-k labels and scores for images (sent concurrently, with bounded retries).")
+    c.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    c.add_argument("--url", default="127.0.0.1:8001", help="server HOST:PORT (default 127.0.0.1:8001, the gRPC port)")
+    c.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    c.add_argument("-k", type=int, default=5, help="labels per image (default 5)")
+    c.add_argument("--model", default="classify", help="model to ask (default: the classify ensemble, which takes encoded bytes)")
+    c.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    c.add_argument("--max-attempts", type=int, default=6, help="attempts per image on transient errors (default 6)")
+    c.add_argument("--json", help="also write the results to this JSON file")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=_classify)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Clients of the `classify` ensemble (or the bare classifier) over gRPC or HTTP: concurrent, with bounded retries (tenacity)."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from tenacity import retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter, Retrying
+
+from serve.errors import ServeError
+
+ENSEMBLE = "classify"
+INPUT = "image"
+OUTPUT = "probabilities"
+
+
+@dataclass
+class Prediction:
+    label: str
+    score: float
+    index: int
+
+
+@dataclass
+class FileResult:
+    path: str
+    top: list[Prediction] = field(default_factory=list)
+    latency_ms: float = 0.0
+    attempts: int = 1
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def parse_classification(entries: Sequence[bytes | str]) -> list[Prediction]:
+    """Triton's classification extension answers 'score:index:label' strings, best first."""
+    out = []
+    for e in entries:
+        s = e.decode() if isinstance(e, bytes) else str(e)
+        score, index, *label = s.split(":", 2)
+        out.append(Prediction(label[0] if label else index, float(score), int(index)))
+    return out
+
+
+def _status(err: Exception) -> str:
+    status = getattr(err, "status", None)
+    return str(status() if callable(status) else status or "")
+
+
+def is_transient(err: Exception) -> bool:
+    """Worth retrying: the server is unreachable, restarting, or overloaded; never a rejected (4xx) request."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)) and not isinstance(err, InferenceServerException):
+        return True
+    if isinstance(err, InferenceServerException):
+        st, msg = _status(err), str(err).lower()
+        if st in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED", "503", "502", "504"):
+            return True
+        if any(s in msg for s in ("failed to connect", "connection refused", "connection reset", "unavailable",
+                                  "socket closed", "broken pipe", "is not ready", "not found, model", "unknown model")):
+            return True
+    return False
+
+
+def retrying(max_attempts: int = 6, max_seconds: float = 60.0) -> Retrying:
+    """Bounded retry policy: exponential backoff with jitter (0.2 s .. 5 s), at most ``max_attempts`` or ``max_seconds``."""
+    return Retrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(max_attempts) | stop_after_delay(max_seconds),
+                    wait=wait_exponential_jitter(initial=0.2, max=5.0), reraise=True)
+
+
+class TritonClassifier:
+    """One connection per thread to a Triton server, asking for top-k through the classification extension."""
+
+    def __init__(self, url: str, protocol: str = "grpc", model: str = ENSEMBLE, timeout_s: float = 60.0,
+                 max_attempts: int = 6, max_retry_seconds: float = 60.0):
+        if protocol not in ("grpc", "http"):
+            raise ServeError(f"unknown protocol '{protocol}'; use grpc or http.")
+        self.url = url.removeprefix("http://").removeprefix("grpc://")
+        self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
+        self.max_attempts, self.max_retry_seconds = max_attempts, max_retry_seconds
+        self._local = threading.local()
+        if protocol == "grpc":
+            import tritonclient.grpc as mod
+        else:
+            import tritonclient.http as mod
+        self._mod = mod
+
+    def _client(self):
+        c = getattr(self._local, "client", None)
+        if c is None:
+            if self.protocol == "grpc":
+                c = self._mod.InferenceServerClient(self.url)
+            else:
+                c = self._mod.InferenceServerClient(self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+            self._local.client = c
+        return c
+
+    def infer_array(self, array: np.ndarray, input_name: str = INPUT, k: int = 5) -> list[list[Prediction]]:
+        """One request with a batched input array; returns top-k per batch row. Retries transient failures."""
+        dtype = {np.uint8: "UINT8", np.float32: "FP32"}.get(array.dtype.type)
+        if dtype is None:
+            dtype = self._mod.np_to_triton_dtype(array.dtype) if hasattr(self._mod, "np_to_triton_dtype") else str(array.dtype).upper()
+        inp = self._mod.InferInput(input_name, list(array.shape), dtype)
+        inp.set_data_from_numpy(array)
+        out = self._mod.InferRequestedOutput(OUTPUT, class_count=k)
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        res = self._client().infer(self.model, [inp], outputs=[out], **kwargs)
+        arr = res.as_numpy(OUTPUT)
+        if arr is None or arr.size == 0:
+            raise ServeError(f"'{self.model}' answered an empty '{OUTPUT}' tensor (numpy>=2 in the python stub's environment?).")
+        return [parse_classification(row) for row in arr.reshape(array.shape[0], -1)]
+
+    def classify_bytes(self, data: bytes, k: int = 5, name: str = "") -> FileResult:
+        """Classify one encoded image with the retry policy; never raises: errors land in ``FileResult.error``."""
+        result = FileResult(path=name)
+        arr = np.frombuffer(data, dtype=np.uint8)[None, :]
+        t0 = time.perf_counter()
+        try:
+            for attempt in retrying(self.max_attempts, self.max_retry_seconds):
+                with attempt:
+                    result.attempts = attempt.retry_state.attempt_number
+                    result.top = self.infer_array(arr, k=k)[0]
+        except Exception as err:  # noqa: BLE001 - every request ends in an answer or a final error
+            result.error = str(err).splitlines()[0] if str(err) else type(err).__name__
+        result.latency_ms = (time.perf_counter() - t0) * 1e3
+        return result
+
+
+def classify_files(paths: Iterable[str | Path], url: str, protocol: str = "grpc", k: int = 5, model: str = ENSEMBLE,
+                   concurrency: int = 8, progress: bool = False, max_attempts: int = 6,
+                   max_retry_seconds: float = 60.0) -> list[FileResult]:
+    """Classify image files concurrently; results in input order, each with top-k, latency and any final error."""
+    from serve.samples import find_images
+
+    files = find_images(paths)
+    if not files:
+        raise ServeError("no image files found; pass JPEG/PNG files or folders of them.")
+    clf = TritonClassifier(url, protocol, model, max_attempts=max_attempts, max_retry_seconds=max_retry_seconds)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), unit="img", desc=f"classify ({protocol} {clf.url})")
+
+    def one(p: Path) -> FileResult:
+        try:
+            data = p.read_bytes()
+        except OSError as err:
+            return FileResult(str(p), error=f"cannot read file: {err}")
+        r = clf.classify_bytes(data, k=k, name=str(p))
+        if bar is not None:
+            bar.update(1)
+        return r
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        results = list(pool.map(one, files))
+    if bar is not None:
+        bar.close()
+    return results

@@ -1,0 +1,194 @@
+"""ONNX export of a checkpoint (opset 17, dynamic batch, softmax in the graph) with a PyTorch parity check, and int8 quantization of the Linear/Gemm layers."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from serve.errors import ServeError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"            # float32 [N, 3, S, S], normalised pixels from the eval transform
+OUTPUT_NAME = "probabilities"   # float32 [N, num_classes], softmax of the logits
+OPSET = 17
+PARITY_ATOL = 1e-4              # max |p_onnx - p_torch| over all classes and images
+QUANT_MAX_TOP1_DRIFT = 0.05     # int8-Linear: largest fraction of images whose top-1 may change
+
+
+class WithSoftmax(nn.Module):
+    """The classifier as served: probabilities, so scores from the classification extension read as confidences."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+def load_checkpoint(checkpoint: str | Path):
+    """(model, cfg, classes) via train.checkpoint.load_for_inference; its errors become one-sentence ServeErrors."""
+    from train.checkpoint import CheckpointError, load_for_inference
+    from train.config import ConfigError
+
+    try:
+        return load_for_inference(checkpoint)
+    except (CheckpointError, ConfigError) as err:
+        raise ServeError(str(err)) from None
+
+
+def eval_batch(images: Sequence[bytes], cfg) -> torch.Tensor:
+    """Encoded images -> [N, 3, S, S] through the training eval transform (the same code preprocess runs)."""
+    from train.transforms import EvalSpec, decode_image, eval_transform
+
+    tf = eval_transform(EvalSpec.from_data_config(cfg.data))
+    return torch.stack([tf(decode_image(b, cfg.serve.max_image_bytes, cfg.serve.max_image_pixels)) for b in images])
+
+
+def _read_images(images: Optional[Iterable[str | Path]], limit: int = 64) -> dict[str, bytes]:
+    if images:
+        from serve.samples import find_images
+
+        files = find_images(images)[:limit]
+        if not files:
+            raise ServeError("no image files found in the given paths; pass JPEG/PNG files or folders of them.")
+        return {str(p): p.read_bytes() for p in files}
+    from serve.samples import sample_image_bytes
+
+    return sample_image_bytes()
+
+
+def ort_session(path: str | Path, threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def parity(model: nn.Module, onnx_path: str | Path, batch: torch.Tensor, atol: float = PARITY_ATOL) -> dict:
+    """Compare ONNX Runtime against PyTorch eager on the same normalised batch."""
+    with torch.inference_mode():
+        ref = WithSoftmax(model).eval()(batch).numpy()
+    got = ort_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    diff = float(np.abs(got - ref).max())
+    # A top-1 flip is only a failure when PyTorch's own top-2 margin is wider than the tolerance.
+    srt = np.sort(ref, axis=1)
+    decisive = (srt[:, -1] - srt[:, -2]) > 2 * atol
+    agree = ref.argmax(1) == got.argmax(1)
+    return {
+        "images": int(batch.shape[0]),
+        "max_abs_diff": diff,
+        "top1_agreement": float(agree.mean()),
+        "decisive_top1_disagreements": int((~agree & decisive).sum()),
+        "atol": atol,
+        "ok": bool(diff <= atol and not (~agree & decisive).any()),
+    }
+
+
+def export_onnx(checkpoint: str | Path, out_dir: str | Path, images: Optional[Iterable[str | Path]] = None,
+                atol: float = PARITY_ATOL, opset: int = OPSET) -> dict:
+    """Write ``out_dir/model.onnx`` (+ labels.txt, export_report.json), check it with onnx.checker and against PyTorch on real images.
+
+    Raises ServeError when the parity check fails. Returns the report dict (also written as JSON).
+    """
+    import onnx
+
+    model, cfg, classes = load_checkpoint(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    size = cfg.data.image_size
+    dummy = torch.zeros(2, 3, size, size)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        torch.onnx.export(
+            WithSoftmax(model).eval(), (dummy,), str(onnx_path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
+        )
+    export_s = time.perf_counter() - t0
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    (out / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
+    named = _read_images(images)
+    report = {
+        "onnx": str(onnx_path),
+        "opset": opset,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)]},
+        "classes": classes,
+        "onnx_bytes": onnx_path.stat().st_size,
+        "export_seconds": round(export_s, 2),
+        "parity": {"files": sorted(named), **parity(model, onnx_path, eval_batch(list(named.values()), cfg), atol)},
+    }
+    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    p = report["parity"]
+    if not p["ok"]:
+        raise ServeError(
+            f"ONNX parity check failed: max |ONNX - PyTorch| = {p['max_abs_diff']:.2e} (tolerance {atol:.0e}), "
+            f"top-1 agreement {p['top1_agreement']:.3f}; the exported graph does not match the checkpoint.")
+    return report
+
+
+def _latency_ms(sess, batch: np.ndarray, repeats: int = 20) -> float:
+    sess.run([OUTPUT_NAME], {INPUT_NAME: batch})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def quantize_linear_int8(onnx_path: str | Path, out_path: str | Path, checkpoint: str | Path,
+                         val_images: Optional[Iterable[str | Path]] = None, max_drift: float = QUANT_MAX_TOP1_DRIFT,
+                         limit: int = 256, repeats: int = 20) -> dict:
+    """Dynamic int8 quantization of MatMul/Gemm only (Conv int8 is 3-12x slower on CPU here); report size, latency and top-1 drift.
+
+    ``val_images``: files/folders of the validation split (e.g. data/animals/val); default: the sample photos.
+    Raises ServeError when the top-1 drift exceeds ``max_drift``.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise ServeError(f"ONNX model '{onnx_path}' does not exist; run 'python -m serve export' first.")
+    _, cfg, _ = load_checkpoint(checkpoint)
+    quantize_dynamic(str(onnx_path), str(out_path), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    named = _read_images(val_images, limit=limit)
+    batch = eval_batch(list(named.values()), cfg).numpy()
+    fp32, int8 = ort_session(onnx_path), ort_session(out_path)
+    p32 = fp32.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    p8 = int8.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    one = batch[:1]
+    eight = np.repeat(batch[:1], 8, axis=0)
+    report = {
+        "onnx_fp32": str(onnx_path), "onnx_int8": str(out_path), "images": int(batch.shape[0]),
+        "fp32_bytes": onnx_path.stat().st_size, "int8_bytes": out_path.stat().st_size,
+        "fp32_latency_ms_b1": _latency_ms(fp32, one, repeats), "int8_latency_ms_b1": _latency_ms(int8, one, repeats),
+        "fp32_latency_ms_b8": _latency_ms(fp32, eight, repeats), "int8_latency_ms_b8": _latency_ms(int8, eight, repeats),
+        "top1_drift": float((p32.argmax(1) != p8.argmax(1)).mean()),
+        "max_abs_prob_diff": float(np.abs(p32 - p8).max()),
+        "max_drift": max_drift,
+    }
+    report["size_ratio"] = report["int8_bytes"] / report["fp32_bytes"]
+    (out_path.parent / (out_path.stem + "_report.json")).write_text(json.dumps(report, indent=2))
+    if report["top1_drift"] > max_drift:
+        raise ServeError(f"int8 quantization changed the top-1 of {report['top1_drift']:.1%} of {report['images']} images "
+                         f"(bound {max_drift:.1%}); serve the fp32 model instead.")
+    return report
+
+
+def threads_default() -> int:
+    return max(1, (os.cpu_count() or 1))
