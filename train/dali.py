@@ -80,11 +80,23 @@ def build_eval_pipeline(data: DataConfig, files: list[str], labels: np.ndarray, 
     def pipe():
         jpegs, labels_ = _reader(files, labels, shard_id, num_shards, pad=True, seed=0)
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=spec.eval_resize, interp_type=types.INTERP_LINEAR, antialias=True)
+        images = fn.resize(images, **_torchvision_resize_args(images, spec.eval_resize), interp_type=types.INTERP_LINEAR,
+                           antialias=True)
         images = _normalize(images, data, spec.image_size, 0)
         return images, labels_
 
     return pipe()
+
+
+def _torchvision_resize_args(images, size: int) -> dict:
+    """Output size exactly as torchvision's Resize(int): shorter side -> size, longer side truncated (not rounded)."""
+    from nvidia.dali import math as dmath, types
+
+    shape = images.shape(dtype=types.FLOAT)  # HWC
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    # +1e-3 guards float32 error on exact integers; int() in torchvision truncates
+    return {"resize_y": dmath.floor(h * size / short + 1e-3), "resize_x": dmath.floor(w * size / short + 1e-3)}
 
 
 class _DaliBatches:

@@ -275,6 +275,10 @@ class Trainer:
             "wall_clock_breakdown": False,
             **self.cfg.deepspeed.extra,
         }
+        if self.precision in ("bf16", "fp16"):
+            # DeepSpeed casts parameters but not BatchNorm buffers; mixed dtypes fail in batch_norm. Cast both;
+            # the DeepSpeed optimizer keeps fp32 master weights.
+            self.model.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config)
         # DeepSpeed's default checkpoint engine unpickles with weights_only=False; ours never does (DESIGN.md #7).

@@ -1,0 +1,16 @@
+"""Run under torchrun by the tests: train with the real Trainer, then dump this rank's parameters for comparison."""
+import sys
+from pathlib import Path
+
+import torch
+
+from train.config import load_config
+from train.engine import Trainer
+
+if __name__ == "__main__":
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    state = {k: v.detach().float().cpu() for k, v in trainer.module.state_dict().items()}
+    torch.save(state, Path(cfg.output_dir) / f"params-rank{trainer.dinfo.rank}.pt")
+    trainer.close()
