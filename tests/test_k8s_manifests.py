@@ -379,27 +379,42 @@ echo "&&&& RUNNING TensorRT.trtexec [TensorRT v100500] # trtexec $*"
 for a in "$@"; do case "$a" in --saveEngine=*) printf 'PLAN' > "${a#--saveEngine=}";; esac; done
 exit 0
 """
+# As serve.repository writes it for --target onnx (protobuf text format: repeated dims, input { ... }).
 CONFIG_PBTXT = """name: "se_resnet50"
 platform: "onnxruntime_onnx"
 max_batch_size: 32
+input {
+  name: "pixels"
+  data_type: TYPE_FP32
+  dims: 3
+  dims: 224
+  dims: 224
+}
+output {
+  name: "probabilities"
+  data_type: TYPE_FP32
+  dims: 10
+  label_filename: "labels.txt"
+}
+default_model_filename: "model.onnx"
+dynamic_batching {
+  max_queue_delay_microseconds: 2000
+}
+"""
+CONFIG_PBTXT_LIST_STYLE = """name: "se_resnet50"
+backend: "onnxruntime"
+max_batch_size: 16
 input [
   {
-    name: "pixels"
+    name: "x"
     data_type: TYPE_FP32
-    dims: [ 3, 224, 224 ]
-  }
-]
-output [
-  {
-    name: "probs"
-    data_type: TYPE_FP32
-    dims: [ 10 ]
+    dims: [ 3, 64, 64 ]
   }
 ]
 """
 
 
-def _plan_env(tmp_path, with_gpu=True, fail=False):
+def _plan_env(tmp_path, with_gpu=True, fail=False, config=CONFIG_PBTXT):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("trtexec", FAKE_TRTEXEC)):
@@ -411,7 +426,7 @@ def _plan_env(tmp_path, with_gpu=True, fail=False):
     src = tmp_path / "models"
     (src / "se_resnet50" / "1").mkdir(parents=True, exist_ok=True)
     (src / "se_resnet50" / "1" / "model.onnx").write_bytes(b"onnx-bytes")
-    (src / "se_resnet50" / "config.pbtxt").write_text(CONFIG_PBTXT)
+    (src / "se_resnet50" / "config.pbtxt").write_text(config)
     (src / "preprocess" / "1").mkdir(parents=True, exist_ok=True)
     (src / "preprocess" / "1" / "model.py").write_text("# python model\n")
     dst = tmp_path / f"repo-{len(list(tmp_path.glob('repo-*')))}"
@@ -436,7 +451,7 @@ def test_build_plans_builds_once_per_gpu_and_tensorrt_version_then_reuses_the_ca
     plan = dst / "se_resnet50" / "1" / "model.plan"
     assert plan.read_bytes() == b"PLAN" and not (dst / "se_resnet50" / "1" / "model.onnx").exists()
     cfg = (dst / "se_resnet50" / "config.pbtxt").read_text()
-    assert 'platform: "tensorrt_plan"' in cfg and "onnxruntime" not in cfg
+    assert 'platform: "tensorrt_plan"' in cfg and "onnxruntime" not in cfg and "model.onnx" not in cfg
     assert (dst / "preprocess" / "1" / "model.py").exists()
     cached = list((tmp_path / "cache").rglob("*.plan"))
     assert len(cached) == 1 and "NVIDIA_H100_80GB_HBM3_9.0" in str(cached[0]) and "trt-100500" in str(cached[0])
@@ -465,3 +480,12 @@ def test_build_plans_keeps_onnx_when_trtexec_fails_or_no_gpu(tmp_path):
     r = _run_plans(env)
     assert r.returncode == 0 and "no GPU visible" in r.stdout
     assert (dst / "se_resnet50" / "1" / "model.onnx").exists()
+
+
+def test_build_plans_reads_list_style_configs_too(tmp_path):
+    env, dst = _plan_env(tmp_path, config=CONFIG_PBTXT_LIST_STYLE)
+    r = _run_plans(env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    build = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if "--onnx=" in c]
+    assert len(build) == 1 and "--optShapes=x:8x3x64x64" in build[0]
+    assert 'platform: "tensorrt_plan"' in (dst / "se_resnet50" / "config.pbtxt").read_text()

@@ -1,6 +1,8 @@
 """Launchers: exact torchrun argv, CLI errors and help, and the Kubernetes job rendered from a config."""
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 
@@ -105,3 +107,35 @@ def test_help_is_accurate_for_every_subcommand():
             assert f in r.stdout, (sub, f)
     # The examples in the top-level help parse (dry-run) as printed.
     assert run_cli("local", "--nproc", "8", "--engine", "deepspeed", "--dry-run", "--", "--config", "configs/demo.yaml").returncode == 0
+
+
+def _doc_commands(prefix: str) -> list[str]:
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [l.strip() for b in blocks for l in b.splitlines()]
+    return [l for l in lines if l.startswith(prefix)]
+
+
+def test_docs_launch_commands_parse_as_written(tmp_path):
+    cmds = _doc_commands("python -m launch")
+    assert any(" local " in c for c in cmds) and any(" multinode " in c for c in cmds) and any(" k8s " in c for c in cmds)
+    for cmd in cmds:
+        args = shlex.split(cmd.split("&&")[0])[3:]
+        if args[0] in ("local", "multinode"):
+            i = args.index("--")
+            r = run_cli(*args[:i], "--dry-run", *args[i:])
+        else:
+            config = ROOT / args[args.index("--config") + 1]
+            if not config.exists():
+                pytest.skip(f"{config.relative_to(ROOT)} is not there yet")
+            args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1].replace("/", "_"))
+            r = run_cli(*args)
+        assert r.returncode == 0, (cmd, r.stderr)
+
+
+def test_docs_apply_only_kustomizations_that_exist():
+    applied = [c.split("-k", 1)[1].split()[0] for c in _doc_commands("kubectl apply -k")]
+    repo_paths = [p for p in applied if p.startswith("k8s/")]
+    assert len(repo_paths) >= 5
+    for p in repo_paths:
+        assert (ROOT / p / "kustomization.yaml").is_file(), p

@@ -40,9 +40,16 @@ for model in $MODELS; do
   dir="$DST/$model"
   onnx="$dir/1/model.onnx"
   if [ ! -f "$onnx" ]; then log "$model: no $onnx, skipped"; continue; fi
-  # Input name and per-sample dims come from config.pbtxt's first input: name: "x" ... dims: [ 3, 224, 224 ]
-  input=$(sed -n '/^input/,/}/s/.*name: *"\([^"]*\)".*/\1/p' "$dir/config.pbtxt" | head -n 1)
-  dims=$(sed -n '/^input/,/}/s/.*dims: *\[\([^]]*\)\].*/\1/p' "$dir/config.pbtxt" | head -n 1 | tr -d ' ' | tr ',' 'x')
+  # Input name and per-sample dims from config.pbtxt's first input block, in either text-format style:
+  #   input { name: "input" ... dims: 3 dims: 224 dims: 224 }   or   input [ { name: "x" dims: [ 3, 224, 224 ] } ]
+  read -r input dims <<EOF_AWK
+$(awk '
+    /^input/ { inb = 1; next }
+    inb && /^[]}]/ { exit }
+    inb && /name:/ && name == "" { if (match($0, /"[^"]*"/)) name = substr($0, RSTART + 1, RLENGTH - 2) }
+    inb && /dims:/ { v = $0; sub(/.*dims: */, "", v); gsub(/[][ ]/, "", v); gsub(/,/, "x", v); dims = (dims == "" ? v : dims "x" v) }
+    END { print name, dims }' "$dir/config.pbtxt")
+EOF_AWK
   if [ -z "$input" ] || [ -z "$dims" ]; then log "$model: cannot read input name/dims from config.pbtxt, serving ONNX"; continue; fi
   sha=$(sha256sum "$onnx" | cut -c1-16)
   plan="$CACHE/$gpu/trt-$trt/$model/$sha-$PRECISION-$SHAPES.plan"
