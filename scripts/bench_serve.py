@@ -6,6 +6,7 @@ repeated side-by-side measurements. Called by scripts/bench.py; `python -m scrip
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def run(out_dir: Path, quick: bool = False, checkpoint: Optional[str | Path] = N
     figures["triton_c16_vs_c1_speedup"] = figures["triton_client_c16_img_per_s"] / figures["triton_client_c1_img_per_s"]
     figures = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}
     (out_dir / "bench_serve.json").write_text(json.dumps(figures, indent=2))
+    shutil.rmtree(work, ignore_errors=True)  # ~200 MB of ONNX models and a repository
     return figures
 
 
