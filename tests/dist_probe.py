@@ -5,9 +5,10 @@ from pathlib import Path
 import torch
 
 from train.config import load_config
-from train.engine import Trainer
+from train.engine import Trainer, setup_logging
 
 if __name__ == "__main__":
+    setup_logging()
     cfg = load_config(sys.argv[1], sys.argv[2:])
     trainer = Trainer(cfg)
     trainer.fit()

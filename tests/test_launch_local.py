@@ -30,8 +30,8 @@ def test_launch_local_two_processes_trains(engine, tmp_path, tiny_imagefolder):
     assert r.returncode == 0, log[-4000:]
     # The launcher echoes the torchrun command it exec'd; the trainer ran 2 ranks with the asked-for engine.
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2 -m train" in log
-    assert f"engine={engine} world=2" in log, log[-4000:]
     report = json.loads((out / "report.json").read_text())
-    assert 0.0 <= report["test_top1"] <= 1.0
+    assert report["engine"] == engine and report["world_size"] == 2, report
+    assert 0.0 <= report["test_top1"] <= 1.0 and report["steps"] >= 1
     resolved = (out / "config.yaml").read_text()
     assert f"engine: {engine}" in resolved

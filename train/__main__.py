@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from train.config import ConfigError, load_config
@@ -26,11 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -43,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.checkpoint import CheckpointError
     from train.data import DataError
-    from train.engine import EngineError, Trainer
+    from train.engine import EngineError, Trainer, setup_logging
     from train.models import PretrainedError
 
+    setup_logging()
     try:
         trainer = Trainer(cfg)
         try:

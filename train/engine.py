@@ -38,6 +38,15 @@ class EngineError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ set-up
 
 
+def setup_logging() -> None:
+    """INFO on rank 0, warnings elsewhere, every line tagged with its rank."""
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 @dataclass
 class DistInfo:
     rank: int

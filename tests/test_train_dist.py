@@ -1,0 +1,150 @@
+"""Real torchrun runs: DDP (gloo) over 2 ranks, DeepSpeed ZeRO-1/2 bf16, metrics scraped live, SIGKILL + resume."""
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PY, ROOT, SMOKE_CONFIG, free_port, subprocess_env
+
+pytestmark = pytest.mark.slow
+PROBE = ROOT / "tests" / "dist_probe.py"
+
+
+def torchrun_cmd(nproc: int, out: Path, data: Path, *overrides: str, script=PROBE) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
+            str(SMOKE_CONFIG), f"data.root={data}", f"output_dir={out}", *overrides]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (the elastic agent puts workers in sessions of their own)."""
+    import psutil
+    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        return r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_imagefolder, tmp_path_factory):
+    """2-rank DDP, 2 epochs (12 steps); scrapes both ranks' Prometheus endpoints while it trains."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    port = free_port()
+    proc = subprocess.Popen(torchrun_cmd(2, out, tiny_imagefolder, "train.epochs=2", "train.record_samples=true",
+                                         f"metrics.port={port}", "train.checkpoint_every_steps=4"),
+                            env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    scraped = {}
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(scraped) < 2:
+        for rank, p in ((0, port), (1, port + 1)):
+            try:
+                text = scrape(p)
+            except OSError:
+                continue
+            if 'seresnet_train_steps_total{rank="%d"}' % rank in text and "seresnet_train_loss{" in text:
+                scraped[rank] = text
+        time.sleep(0.5)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-4000:]
+    return out, scraped, log
+
+
+def test_ddp_ranks_end_identical_and_saw_disjoint_samples(ddp_run):
+    out, _, log = ddp_run
+    p0 = torch.load(out / "params-rank0.pt", weights_only=True)
+    p1 = torch.load(out / "params-rank1.pt", weights_only=True)
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+    rows = {r: (out / "samples" / f"rank{r}.txt").read_text().split("\n")[:-1] for r in (0, 1)}
+    assert len(rows[0]) == len(rows[1]) == 12
+    for step in range(12):
+        a, b = set(rows[0][step].split()), set(rows[1][step].split())
+        assert len(a) == len(b) == 4 and not a & b
+    epoch1 = {i for r in (0, 1) for line in rows[r][:6] for i in line.split()}
+    assert len(epoch1) == 48, "one epoch covers the whole training split once"
+
+
+def test_ddp_writes_report_checkpoints_and_progress(ddp_run):
+    out, _, log = ddp_run
+    report = json.loads((out / "report.json").read_text())
+    assert 0 <= report["test_top1"] <= 1 and report["test_images"] == 18
+    assert set(report["test_recall"]) == {"circle", "square", "triangle"}
+    assert sum(map(sum, report["test_confusion"])) == 18
+    assert report["world_size"] == 2 and report["engine"] == "ddp"
+    assert (out / "confusion_test.png").stat().st_size > 1000
+    ck = out / "checkpoints"
+    assert (ck / "last.pt").exists() and (ck / "best.pt").exists() and (ck / "last.pt.sha256").exists()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in x and "lr" in x and "images_per_second" in x for x in lines)
+    assert "epoch 2/2" in log and "img/s=" in log
+    assert (out / "config.yaml").exists()
+
+
+def test_training_metrics_scraped_from_both_ranks(ddp_run):
+    _, scraped, _ = ddp_run
+    assert set(scraped) == {0, 1}, "both ranks must expose metrics during the run"
+    for rank, text in scraped.items():
+        for name in ("seresnet_train_images_per_second", "seresnet_train_step_seconds_bucket",
+                     "seresnet_train_data_wait_seconds_count", "seresnet_train_loss", "seresnet_train_learning_rate",
+                     "seresnet_train_epoch", "seresnet_train_device_memory_bytes", "seresnet_train_images_total"):
+            assert f'{name}{{' in text and f'rank="{rank}"' in text, (rank, name)
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_weights(ddp_run, tiny_imagefolder, tmp_path):
+    """Kill the whole 2-rank group right after the step-4 checkpoint; the same command resumes and ends equal."""
+    ref_out, _, _ = ddp_run
+    out = tmp_path / "run"
+    cmd = torchrun_cmd(2, out, tiny_imagefolder, "train.epochs=2", "train.checkpoint_every_steps=4", "metrics.port=0")
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = out / "checkpoints" / "step-00000004.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), "no checkpoint appeared"
+    kill_tree(proc)
+    assert not (out / "report.json").exists(), "killed before finishing"
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [line for line in r.stderr.splitlines() if "resuming from" in line]
+    assert resumed and "step 4 of 12" in resumed[0], resumed or r.stderr[-3000:]
+    a = torch.load(ref_out / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_bf16_under_torchrun(tiny_imagefolder, tmp_path, stage):
+    out = tmp_path / "ds"
+    r = subprocess.run(torchrun_cmd(2, out, tiny_imagefolder, "engine=deepspeed", f"deepspeed.zero_stage={stage}",
+                                    "train.precision=bf16", "train.max_steps=3", "metrics.port=0",
+                                    "train.record_samples=true", "train.checkpoint_every_steps=0"),
+                       env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    p0 = torch.load(out / "params-rank0.pt", weights_only=True)
+    p1 = torch.load(out / "params-rank1.pt", weights_only=True)
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+    rows = [(out / "samples" / f"rank{i}.txt").read_text().split("\n")[0].split() for i in (0, 1)]
+    assert not set(rows[0]) & set(rows[1])
+    report = json.loads((out / "report.json").read_text())
+    assert report["engine"] == "deepspeed" and report["precision"] == "bf16" and report["world_size"] == 2
+    assert (out / "checkpoints" / "deepspeed" / "latest").exists()
+    assert (out / "checkpoints" / "best.pt").exists(), "a weights-only checkpoint in our format for export"
