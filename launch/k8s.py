@@ -87,6 +87,8 @@ def _ports(rdzv_name: str, nproc: int) -> list[dict]:
 def _podmonitor_patch(nproc: int, job_label: str, job_name: str) -> dict:
     return {"target": {"group": "monitoring.coreos.com", "version": "v1", "kind": "PodMonitor", "name": "seresnet-train"},
             "patch": yaml.safe_dump([
+                # Named after the job: two jobs in one namespace keep one PodMonitor each.
+                {"op": "replace", "path": "/metadata/name", "value": job_name},
                 {"op": "replace", "path": "/spec/podMetricsEndpoints",
                  "value": [{"port": f"metrics-{i}", "interval": "15s"} for i in range(nproc)]},
                 {"op": "replace", "path": f"/spec/selector/matchLabels/{job_label.replace('/', '~1')}", "value": job_name},

@@ -351,7 +351,7 @@ def test_launch_k8s_renders_the_job_from_the_training_config(tmp_path, kubectl, 
     assert sorted(p["containerPort"] for p in c["ports"] if p["name"].startswith("metrics-")) == [9400, 9401, 9402, 9403]
     pm = next(o for o in objs if o["kind"] == "PodMonitor")
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == [f"metrics-{i}" for i in range(4)]
-    assert pm["spec"]["selector"]["matchLabels"][job_label] == job["metadata"]["name"]
+    assert pm["spec"]["selector"]["matchLabels"][job_label] == job["metadata"]["name"] == pm["metadata"]["name"]
     # The ConfigMap the pods read IS the training config, with only the in-pod paths rewritten.
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
     assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"]
@@ -489,3 +489,14 @@ def test_build_plans_reads_list_style_configs_too(tmp_path):
     build = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if "--onnx=" in c]
     assert len(build) == 1 and "--optShapes=x:8x3x64x64" in build[0]
     assert 'platform: "tensorrt_plan"' in (dst / "se_resnet50" / "config.pbtxt").read_text()
+
+
+def test_two_rendered_jobs_in_one_namespace_do_not_collide(tmp_path, kubectl):
+    names = {}
+    for job in ("exp-a", "exp-b"):
+        r = subprocess.run([PY, "-m", "launch", "k8s", "--config", str(REPO_ROOT / "configs" / "smoke.yaml"),
+                            "--name", job, "--out", str(tmp_path / job)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        names[job] = {(o["kind"], o["metadata"]["name"]) for o in v.kustomize_build(tmp_path / job, kubectl)}
+    assert not names["exp-a"] & names["exp-b"], names
+    assert ("PyTorchJob", "exp-a") in names["exp-a"] and ("PodMonitor", "exp-a") in names["exp-a"]
