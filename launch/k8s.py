@@ -128,6 +128,7 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         ops = [
             {"op": "replace", "path": "/metadata/name", "value": job_name},
             {"op": "replace", "path": "/spec/nprocPerNode", "value": str(nproc)},
+            {"op": "replace", "path": f"{_container(prefix)}/args/0", "value": f"--nproc-per-node={nproc}"},
             {"op": "replace", "path": "/spec/elasticPolicy/minReplicas", "value": c.nnodes},
             {"op": "replace", "path": "/spec/elasticPolicy/maxReplicas", "value": max_nodes},
             {"op": "replace", "path": "/spec/elasticPolicy/maxRestarts", "value": c.max_restarts},

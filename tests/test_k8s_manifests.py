@@ -267,9 +267,10 @@ def test_pytorchjob_overlays_run_torchrun_with_the_engine(rendered, engine):
     c = worker["template"]["spec"]["containers"][0]
     assert c["name"] == "pytorch"
     assert c["command"] == ["python", "-m", "torch.distributed.run"]
-    assert c["args"][:4] == ["-m", "train", "--config", "/etc/seresnet/config.yaml"] and c["args"][-2:] == ["--set", f"engine={engine}"]
-    assert "deepspeed" not in c["command"]
     gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+    assert c["args"][:5] == [f"--nproc-per-node={gpus}", "-m", "train", "--config", "/etc/seresnet/config.yaml"]
+    assert c["args"][-2:] == ["--set", f"engine={engine}"]
+    assert "deepspeed" not in c["command"]
     assert job["spec"]["nprocPerNode"] == gpus
     ep = job["spec"]["elasticPolicy"]
     assert ep["rdzvBackend"] == "c10d" and ep["minReplicas"] <= ep["maxReplicas"] and "maxRestarts" in ep
@@ -286,7 +287,7 @@ def test_pytorchjob_overlays_run_torchrun_with_the_engine(rendered, engine):
 
 def test_world_size_trap_is_explained_where_the_job_is_defined():
     text = (REPO_ROOT / "k8s/training/pytorchjob/pytorchjob.yaml").read_text()
-    assert "WORLD_SIZE" in text and "torchrun overwrites" in text
+    assert "WORLD_SIZE" in text and "torchrun overwrites" in text and "PET_NPROC_PER_NODE" in text
 
 
 def test_indexed_job_runs_the_project_launcher_with_valid_arguments(rendered):
@@ -331,7 +332,7 @@ def test_launch_k8s_renders_the_job_from_the_training_config(tmp_path, kubectl, 
         assert tmpl["replicas"] == 2
         tmpl = tmpl["template"]
         args = tmpl["spec"]["containers"][0]["args"]
-        assert args[-1] == f"engine={engine}"
+        assert args[0] == "--nproc-per-node=4" and args[-1] == f"engine={engine}"
         job_label = "training.kubeflow.org/job-name"
     else:
         assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
