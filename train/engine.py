@@ -187,6 +187,21 @@ def _all_reduce_mean(values: list[float], dinfo: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def _deepspeed_safe_globals() -> list:
+    """The few plain DeepSpeed classes its own ZeRO optimizer states pickle (data only; no code runs on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _deepspeed_safe_load(path, map_location=None):
+    """DeepSpeed's checkpoint_engine.load with weights_only=True, allowing only the DeepSpeed classes listed above."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 
 
@@ -205,8 +220,12 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.train.keep_last)
         self.precision = resolve_precision(cfg.train.precision, d.device, cfg.engine)
-        # auto = on: channels_last is the fast layout on GPUs (tensor cores) and measured ~10% faster on CPU here too
-        self.channels_last = cfg.train.channels_last in ("on", "auto")
+        # auto = on: channels_last is the fast layout on GPUs (tensor cores) and measured ~10% faster on CPU here too.
+        # Not under DeepSpeed: its start-up broadcast views every parameter as bytes, which needs a contiguous last dim.
+        if cfg.engine == "deepspeed" and cfg.train.channels_last == "on":
+            raise EngineError("train.channels_last=on is not supported with engine=deepspeed (DeepSpeed needs contiguous "
+                              "parameters); use auto or off.")
+        self.channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and cfg.engine == "ddp")
         self.backend = resolve_backend(cfg.data)
         if self.backend == "dali" and d.device.type == "cpu":
             log.info("DALI: no CUDA GPU, using the CPU pipeline (device_id=None); GPU 'mixed' decode runs on GPU nodes")
@@ -292,8 +311,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config)
         # DeepSpeed's default checkpoint engine unpickles with weights_only=False; ours never does (DESIGN.md #7).
-        self.engine.checkpoint_engine.load = lambda path, map_location=None: torch.load(
-            path, map_location=map_location, weights_only=True)
+        self.engine.checkpoint_engine.load = _deepspeed_safe_load
         self.autocast = nullcontext  # DeepSpeed casts the model itself for bf16/fp16
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
