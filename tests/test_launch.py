@@ -117,7 +117,7 @@ def _doc_commands(prefix: str) -> list[str]:
 
 
 def test_docs_launch_commands_parse_as_written(tmp_path):
-    cmds = _doc_commands("python -m launch")
+    cmds = _doc_commands("python -m launch ")
     assert any(" local " in c for c in cmds) and any(" multinode " in c for c in cmds) and any(" k8s " in c for c in cmds)
     for cmd in cmds:
         args = shlex.split(cmd.split("&&")[0])[3:]
