@@ -126,7 +126,7 @@ def test_every_dashboard_and_rule_expression_returns_data_from_live_triton_and_t
     from serve.client import TritonClassifier
     from serve.repository import write_model_repository
     from serve.server import TritonServer
-    from tests.serve_fixtures import make_checkpoint
+    from serve.samples import random_checkpoint
 
     train_port, triton_metrics_port = free_port(), free_port()
     prom = Prometheus(tmp_path, {"triton": f"127.0.0.1:{triton_metrics_port}", "train": f"127.0.0.1:{train_port}"},
@@ -147,7 +147,7 @@ def test_every_dashboard_and_rule_expression_returns_data_from_live_triton_and_t
                 cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
         # Triton serving the classifier ensemble (python backend + ONNX Runtime on CPU), latency summaries on.
-        ckpt = make_checkpoint(tmp_path / "ckpt")
+        ckpt = random_checkpoint(tmp_path / "ckpt")
         repo = write_model_repository(ckpt, tmp_path / "repo", "cpu")
         server = TritonServer(repo, metrics_port=triton_metrics_port, ready_timeout=300,
                               extra_args=["--metrics-config=summary_latencies=true", "--metrics-interval-ms=1000"]).start()
