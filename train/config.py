@@ -104,6 +104,7 @@ class MetricsConfig(_Section):
 
 
 class ClusterConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)  # cpu: 32 -> "32"
     image: str = Field("ghcr.io/seresnet-stack/train:0.1.0", description="Training container image.")
     namespace: str = Field("ml", description="Kubernetes namespace.")
     nnodes: int = Field(1, ge=1, description="Worker pods (nodes).")
