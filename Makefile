@@ -23,3 +23,6 @@ bench: venv
 
 clean:
 	rm -rf runs .cache
+
+readme: venv
+	$(PY) -m scripts.readme
