@@ -69,7 +69,9 @@ def decode_image(data: bytes, max_bytes: int | None = None, max_pixels: int | No
         return img.convert("RGB")
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not a decodable image (unrecognised format; {len(data)} bytes starting {data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"not a decodable image ({type(err).__name__}: {err})") from None
 
 
