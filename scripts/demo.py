@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -212,9 +213,24 @@ def run(args: argparse.Namespace) -> int:
         where = (", ".join(f"http://{cfg.metrics.address}:{cfg.metrics.port + r}/metrics" for r in range(args.nproc))
                  if cfg.metrics.port else "free ports (see the log)")
         print(f"training metrics (Prometheus, while training runs): {where}", flush=True)
-    if (train_out / "checkpoints").is_dir() and cfg.train.resume:
-        print(f"{train_out} has checkpoints: the trainer resumes from the last one (a finished run is only "
-              "re-evaluated); pass --fresh to start over", flush=True)
+    data_record = train_out / "demo_data.json"
+    if (train_out / "checkpoints").is_dir():
+        try:
+            before = json.loads(data_record.read_text()).get("split_digest")
+        except (OSError, ValueError):
+            before = None
+        if before != data_info.get("split_digest"):
+            old = train_out.with_name(train_out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            train_out.rename(old)
+            print(f"{train_out} was trained on another split of the data (or one not recorded): moved it to {old} and "
+                  "training from scratch, so that no test image was ever a training image", flush=True)
+        elif cfg.train.resume:
+            print(f"{train_out} has checkpoints: the trainer resumes from the last one (a finished run is only "
+                  "re-evaluated); pass --fresh to start over", flush=True)
+    train_out.mkdir(parents=True, exist_ok=True)
+    data_record.write_text(json.dumps({"root": str(data_root), "split_digest": data_info.get("split_digest"),
+                                       "splits": data_info["splits"]}, indent=2))
     stale = train_out / "report.json"
     stale.unlink(missing_ok=True)  # never mistake a previous run's report for this one's
     train_wall, rc = run_training(config, overrides + args.overrides, args.nproc)

@@ -25,7 +25,7 @@ import numpy as np
 CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 SPLITS = ("train", "val", "test")
 MARKER = ".prepared.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: val apportioned after test's rounding (train counts balanced too); split_digest
 DEFAULT_VAL, DEFAULT_TEST = 0.115, 0.115  # 9,716 unique images -> 7,481 / 1,118 / 1,117
 
 
@@ -100,7 +100,9 @@ def stratified_split(labels: np.ndarray, val: float, test: float, seed: int) -> 
     n_test = int(round(n * test))
     n_val = int(round(n * (val + test))) - n_test
     test_c = _apportion(n_test, counts * n_test / n)
-    val_c = _apportion(n_val, counts * n_val / n)
+    # val apportions what test's rounding left over (share n_c*val + test's rounding error), so each class's train
+    # count stays within one image of its share too: train_c = n_c - test_c - val_c.
+    val_c = _apportion(n_val, np.maximum(counts * n_val / n + (counts * n_test / n - test_c), 0.0))
     rng = np.random.default_rng(seed)
     out: dict[str, list] = {s: [] for s in SPLITS}
     for c, nt, nv in zip(classes, test_c, val_c):
@@ -166,7 +168,9 @@ def prepare(out: str | Path, val: float = DEFAULT_VAL, test: float = DEFAULT_TES
                 digest = hashlib.blake2b(img.tobytes(), digest_size=6).hexdigest()
                 Image.fromarray(img, mode="L").save(d / f"{digest}.png", optimize=False)
             counts[split][name] = len(mine)
-    info = {"format": FORMAT_VERSION, "source": "animal-mnist==0.4 (animal_{data,label}_version_3.gz)",
+    listing = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.png"))
+    info = {"format": FORMAT_VERSION,
+            "split_digest": hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16], "source": "animal-mnist==0.4 (animal_{data,label}_version_3.gz)",
             "classes": list(CLASSES), "settings": settings, "duplicates_removed": dropped,
             "conflicting_duplicate_groups_removed": conflicting, "unique_images": int(len(labels)),
             "splits": {s: int(sum(v.values())) for s, v in counts.items()}, "counts": counts}
