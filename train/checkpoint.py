@@ -136,6 +136,12 @@ class CheckpointManager:
 
     def load_latest(self) -> Optional[tuple[dict, Path]]:
         """Newest checkpoint that verifies: last.pt, else step files newest first; corrupt ones are logged and skipped."""
+        # Temp files of writes a kill interrupted (never renamed into place): nobody reads them; free the disk.
+        stale = list(self.dir.glob(".*.tmp"))
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d unfinished checkpoint write(s) left by an interrupted run", len(stale))
         candidates = [self.last] + list(reversed(self.step_files()))
         for path in candidates:
             if not path.exists():
