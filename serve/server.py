@@ -49,6 +49,8 @@ def free_port() -> int:
 
 def check_port_free(port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As tritonserver binds (SO_REUSEADDR): a port left in TIME_WAIT by a just-stopped server is free, a listening one is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
