@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
             "OUT/report.json (test_top1 measured through Triton, the trainer's own PyTorch test_top1, per-class\n"
             "recall, latency percentiles, timings) and OUT/confusion_served.png."),
         epilog=("examples:\n"
-                "  python -m scripts.demo                       # full run (about 20 minutes on a 2-core CPU)\n"
+                "  python -m scripts.demo                       # full run (20-30 minutes on a 2-core CPU, longer when shared)\n"
                 "  python -m scripts.demo --quick               # wiring check on a tiny subset (a few minutes)\n"
                 "  python -m scripts.demo --set train.epochs=2  # any trainer config override\n"))
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config (default {DEFAULT_CONFIG})")
