@@ -60,3 +60,15 @@ def test_config_reference_lists_every_key():
     ref = config_reference_markdown()
     for key in ("`data.root`", "`output_dir`", "`schedule.T_0`", "`deepspeed.zero_stage`", "`serve.max_batch_size`"):
         assert key in ref
+
+
+def test_busy_metrics_port_is_one_sentence(tiny_imagefolder, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _run_cli("--config", str(SMOKE_CONFIG), "--set", f"data.root={tiny_imagefolder}",
+                     "--set", f"output_dir={tmp_path}/o", "--set", f"metrics.port={port}")
+    assert r.returncode == 2
+    assert f"error: Cannot serve training metrics on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CheckpointError
     from train.data import DataError
     from train.engine import EngineError, Trainer, setup_logging
+    from train.metrics import MetricsPortError
     from train.models import PretrainedError
 
     setup_logging()
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
         finally:
             trainer.close()
-    except (DataError, EngineError, CheckpointError, PretrainedError, ConfigError) as err:
+    except (DataError, EngineError, CheckpointError, PretrainedError, ConfigError, MetricsPortError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,10 @@ STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
+class MetricsPortError(RuntimeError):
+    pass
+
+
 class TrainingMetrics:
     """Prometheus metrics for one rank, served on ``port`` (0 = any free port); every series has label ``rank``."""
 
@@ -34,7 +38,12 @@ class TrainingMetrics:
         self.val_top1 = Gauge("seresnet_train_val_top1", "Validation top-1 at the last evaluation", lab, registry=r)
         self.port: Optional[int] = None
         if port is not None:
-            server, _ = start_http_server(port, addr=address, registry=r)
+            try:
+                server, _ = start_http_server(port, addr=address, registry=r)
+            except OSError as err:
+                raise MetricsPortError(f"Cannot serve training metrics on {address}:{port} ({err.strerror}); set "
+                                       f"metrics.port to a free port (ranks use port + local_rank), 0 for any free "
+                                       f"port, or metrics.enabled=false.") from None
             self.port = server.server_port
             log.info("rank %s: Prometheus metrics on http://%s:%d/metrics", self.rank, address, self.port)
 
