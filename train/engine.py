@@ -78,14 +78,34 @@ def setup_distributed(engine: str) -> DistInfo:
     else:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if world > 1 and not dist.is_initialized():
+        # Our own init also under DeepSpeed: deepspeed.init_distributed adopts an initialised group.
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     if engine == "deepspeed":
         if "MASTER_ADDR" not in os.environ:  # single process without torchrun: DeepSpeed would want mpi4py
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend)
-    elif world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def _attempt_store(world: int):
+    """Under torchrun the workers share the agent's TCPStore, and it outlives a restart of the group: the keys
+    the killed attempt wrote (gloo's peer addresses among them) are still there, so a restarted rank could read a
+    dead peer's address and fail ``connectFullMesh`` with "Connection refused". Keys are prefixed by the attempt
+    (``TORCHELASTIC_RESTART_COUNT``) so each attempt rendezvous only with itself. None outside torchrun."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=timedelta(minutes=10))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return dist.PrefixStore(f"seresnet/{run_id}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -128,12 +148,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """``fused``: one kernel per parameter group (CPU and CUDA); measured 0.13 -> 0.05 s per AdamW step for
+    SE-ResNet50 on one CPU core. Left off under DeepSpeed, which wraps the optimizer with its own."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
+    kw = {"fused": True} if fused else {}
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
-    return torch.optim.AdamW(groups, lr=o.lr)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0, **kw)
+    return torch.optim.AdamW(groups, lr=o.lr, **kw)
 
 
 def build_scheduler(cfg: Config, optimizer, spe: int, total_steps: int):
@@ -253,7 +276,7 @@ class Trainer:
         self.model = model
         weights = class_weights(self.data.class_counts()).to(d.device) if cfg.data.class_weights else None
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)
-        self.optimizer = build_optimizer(cfg, model)
+        self.optimizer = build_optimizer(cfg, model, fused=cfg.engine == "ddp" and d.device.type in ("cpu", "cuda"))
         self.scheduler = build_scheduler(cfg, self.optimizer, self.spe, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if (self.precision == "fp16" and cfg.engine == "ddp") else None
         self.autocast = _autocast(self.precision, d.device)
