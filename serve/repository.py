@@ -178,7 +178,7 @@ def _write_model(out: Path, name: str, cfg, files: dict[str, Path | bytes], labe
 def write_model_repository(checkpoint: str | Path, out_dir: str | Path, target: str = "cpu", *,
                            onnx_path: Optional[str | Path] = None, plan: Optional[str | Path] = None,
                            plan_cc: Optional[str] = None, ort_tensorrt: bool = False, ort_threads: int = 0,
-                           preprocess_instances: int = 1, images=None) -> Path:
+                           preprocess_instances: Optional[int] = None, images=None) -> Path:
     """Write a servable Triton repository for ``checkpoint`` into ``out_dir`` and return its path.
 
     Exports ONNX (with the parity check) unless ``onnx_path`` is given. ``target``: 'cpu' (python backend +
@@ -219,7 +219,7 @@ def write_model_repository(checkpoint: str | Path, out_dir: str | Path, target: 
                  cls_files, labels=classes)
 
     jpeg = _warmup_jpeg(size)
-    _write_model(out, PREPROCESS, preprocess_config(cfg, len(jpeg), preprocess_instances),
+    _write_model(out, PREPROCESS, preprocess_config(cfg, len(jpeg), preprocess_instances or s.preprocess_instances),
                  {"1/model.py": SOURCES / "preprocess" / "model.py", "warmup/sample.jpg": jpeg})
     with_post = target != "cpu"  # the CPU classifier is python and records the metrics itself
     if with_post:

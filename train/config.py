@@ -123,6 +123,7 @@ class ServeConfig(_Section):
     preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32], description="Dynamic batching preferred sizes.")
     max_queue_delay_us: int = Field(2000, ge=0, description="Dynamic batching queue delay (microseconds).")
     instances: int = Field(1, ge=1, description="Instances of the classifier per device.")
+    preprocess_instances: int = Field(2, ge=1, description="Instances of the python `preprocess` model (decode + eval transform run one request batch at a time per instance; 2 lets decoding use two CPU cores).")
     max_image_bytes: int = Field(20_000_000, ge=1, description="preprocess: largest encoded image accepted.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="preprocess: largest decoded width*height accepted (decompression-bomb guard).")
 
