@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from tenacity import retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter, Retrying
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential, wait_random
 
 from serve.errors import ServeError
 
@@ -70,9 +70,10 @@ def is_transient(err: Exception) -> bool:
 
 
 def retrying(max_attempts: int = 6, max_seconds: float = 60.0) -> Retrying:
-    """Bounded retry policy: exponential backoff with jitter (0.2 s .. 5 s), at most ``max_attempts`` or ``max_seconds``."""
+    """Bounded retry policy: exponential backoff (0.2 s doubling up to 5 s) plus up to 1 s of jitter, at most
+    ``max_attempts`` or ``max_seconds``."""
     return Retrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(max_attempts) | stop_after_delay(max_seconds),
-                    wait=wait_exponential_jitter(initial=0.2, max=5.0), reraise=True)
+                    wait=wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 1.0), reraise=True)
 
 
 class TritonClassifier:

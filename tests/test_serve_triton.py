@@ -179,6 +179,11 @@ def test_classify_cli(served, tmp_path):
 
 
 def test_metrics_after_traffic(served):
+    from serve.client import TritonClassifier
+
+    clf = TritonClassifier(served["server"].grpc_url, "grpc")  # its own traffic: the test passes run alone
+    for name, data in list(served["images"].items())[:3]:
+        assert clf.classify_bytes(data, name=name).ok
     text = urllib.request.urlopen(served["server"].metrics_url, timeout=10).read().decode()
     for model in ("classify", "preprocess", "se_resnet50"):
         m = re.search(rf'nv_inference_request_success\{{model="{model}",version="1"\}} (\d+)', text)

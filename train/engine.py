@@ -508,6 +508,7 @@ class Trainer:
                 target = self.labels["train"][index].to(d.device, non_blocking=True)
                 if samples_file:
                     samples_file.write(" ".join(map(str, index.tolist())) + "\n")
+                lr = self._current_lr()  # the lr this step uses (the scheduler steps after it)
                 loss = self._train_step(images, target)
                 if loss is None:
                     self._handle_nonfinite()
@@ -525,7 +526,6 @@ class Trainer:
                 if self.global_step % cfg.train.log_every_steps == 0 or self.global_step == self.total_steps:
                     elapsed = time.perf_counter() - win_t
                     loss_mean, ips = _all_reduce_mean([win_loss / max(win_n, 1), win_imgs / max(elapsed, 1e-9)], d)
-                    lr = self._current_lr()
                     ep = self.global_step / self.spe
                     self.metrics.update(images_per_second=win_imgs / max(elapsed, 1e-9), loss=loss_mean, lr=lr, epoch=ep,
                                         memory=_memory_bytes(d.device))
