@@ -41,7 +41,7 @@ def _quantize(a) -> int:
 
 
 def _trt(a) -> int:
-    from serve.repository import plan_filename
+    from serve.contract import plan_filename
     from serve.tensorrt import build_plan, trtexec_command
 
     cmd = trtexec_command(a.onnx, Path(a.out) / plan_filename("<CC>").replace("sm<CC>", "sm${CC}"), a.precision,

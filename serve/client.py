@@ -11,11 +11,11 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential, wait_random
 
+from serve.contract import ENSEMBLE, ENSEMBLE_INPUT, OUTPUT_NAME
 from serve.errors import ServeError
 
-ENSEMBLE = "classify"
-INPUT = "image"
-OUTPUT = "probabilities"
+INPUT = ENSEMBLE_INPUT
+OUTPUT = OUTPUT_NAME
 
 
 @dataclass

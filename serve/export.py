@@ -12,12 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from serve.contract import INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "input"            # float32 [N, 3, S, S], normalised pixels from the eval transform
-OUTPUT_NAME = "probabilities"   # float32 [N, num_classes], softmax of the logits
 OPSET = 17
 PARITY_ATOL = 1e-4              # max |p_onnx - p_torch| over all classes and images
 QUANT_MAX_TOP1_DRIFT = 0.05     # int8-Linear: largest fraction of images whose top-1 may change

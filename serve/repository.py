@@ -9,26 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 from serve.errors import ServeError
-from serve.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from serve.contract import (CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE, ENSEMBLE_INPUT, INPUT_NAME, OUTPUT_NAME, PIXELS,
+                            POSTPROCESS, PREPROCESS, TARGETS, plan_filename)
+from serve.export import export_onnx
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCES = PROJECT_ROOT / "model_repository"   # python models kept in git; copied into version folders
-TARGETS = ("cpu", "onnx", "tensorrt")
-CLASSIFIER = "se_resnet50"
-PREPROCESS = "preprocess"
-POSTPROCESS = "postprocess"
-ENSEMBLE = "classify"
-ENSEMBLE_INPUT = "image"
-PIXELS = "pixels"
-# Compute capabilities we name plans for (T4, A100, A10/3090, L4/4090, H100); the init container builds the local one.
-DEFAULT_GPU_CCS = ("7.5", "8.0", "8.6", "8.9", "9.0")
-
-
-def plan_filename(cc: str) -> str:
-    """The plan file name for a GPU compute capability, as listed in cc_model_filenames (e.g. '8.0' -> model.sm80.plan)."""
-    return f"model.sm{cc.replace('.', '')}.plan"
-
-
 def _pb():
     from tritonclient.grpc import model_config_pb2 as mc
 

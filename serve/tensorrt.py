@@ -9,8 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from serve.errors import ServeError
-from serve.export import INPUT_NAME
-from serve.repository import plan_filename
+from serve.contract import INPUT_NAME, plan_filename
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

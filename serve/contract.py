@@ -1,0 +1,29 @@
+"""Names that several places must agree on: Triton model and tensor names, targets, plan file names.
+
+The repository writer, the clients, the TensorRT plan recipe, the Kubernetes init container and the tests all
+read these; change a name here and nowhere else."""
+from __future__ import annotations
+
+# Triton models of the generated repository
+CLASSIFIER = "se_resnet50"      # the network (python/onnxruntime/tensorrt)
+PREPROCESS = "preprocess"       # encoded bytes -> normalised pixels (one eval transform, shared with training)
+POSTPROCESS = "postprocess"     # probabilities -> classification extension answer
+ENSEMBLE = "classify"           # the one model clients call
+
+# Tensors
+ENSEMBLE_INPUT = "image"        # TYPE_UINT8, dims [-1], batched: encoded JPEG/PNG bytes
+PIXELS = "pixels"               # preprocess -> classifier
+INPUT_NAME = "input"            # ONNX/plan input: float32 [N, 3, S, S], normalised pixels
+OUTPUT_NAME = "probabilities"   # ONNX/plan/ensemble output: float32 [N, num_classes], softmax
+
+# Repository targets
+TARGETS = ("cpu", "onnx", "tensorrt")
+
+# TensorRT plans are per GPU architecture: Triton's cc_model_filenames picks the file for the serving GPU.
+# Turing, Ampere (A100, A10/A40), Ada (L4/L40), Hopper (H100/H200), Blackwell (B200 = 10.0, RTX PRO/5090 = 12.0).
+DEFAULT_GPU_CCS = ("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+
+
+def plan_filename(cc: str) -> str:
+    """The plan file name for a GPU compute capability ('8.0' -> 'model.sm80.plan', '10.0' -> 'model.sm100.plan')."""
+    return f"model.sm{cc.replace('.', '')}.plan"
