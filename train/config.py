@@ -35,6 +35,8 @@ class DataConfig(_Section):
     jitter: float = Field(0.2, ge=0, le=1, description="Brightness/contrast/saturation jitter strength.")
     rotate_deg: float = Field(15.0, ge=0, le=180, description="Random rotation range in degrees (+-).")
     class_weights: bool = Field(True, description="Weighted cross-entropy with inverse-frequency class weights from the training counts.")
+    verify: bool = Field(False, description="Decode every image once at start (slow on large sets); off: list files only, and a broken image met in training follows on_corrupt.")
+    dont_use_mmap: bool = Field(False, description="DALI file reader: read files instead of mmap (network file systems such as NFS/Lustre).")
 
     @model_validator(mode="after")
     def _resize_covers_crop(self):
@@ -95,6 +97,9 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0, description="torch intra-op threads per rank on CPU (0 = cores / local ranks).")
     record_samples: bool = Field(False, description="Append each rank's trained sample indices to <output_dir>/samples/rank<r>.txt (checks sharding).")
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps in total (0 = no limit; for smoke tests).")
+    time_budget: Optional[str] = Field(None, description="Wall-clock training budget (e.g. '15m', '2h', '8 GPU-hours' is '1h' on 8 GPUs): throughput is measured over the first steps, then the step count is fixed so the whole schedule ends when the budget does. Overrides epochs.")
+    grad_compression: Literal["none", "fp16", "bf16"] = Field("none", description="DDP gradient all-reduce compression hook (saves inter-node bandwidth on slow networks; engine=ddp only).")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="Exponential moving average of the weights (0 = off, e.g. 0.999): the EMA model is evaluated, checkpointed and exported.")
 
 
 class MetricsConfig(_Section):
@@ -114,6 +119,7 @@ class ClusterConfig(_Section):
     memory: str = Field("256Gi", description="Memory request per pod.")
     shm_size: str = Field("64Gi", description="Memory-backed /dev/shm for DALI and NCCL.")
     max_restarts: int = Field(3, ge=0, description="torchrun/elastic restarts before the job fails.")
+    gpu_arch: Optional[str] = Field(None, description="Compute capability of the cluster's GPUs (e.g. '7.0' V100, '8.0' A100, '9.0' H100): picks the training image and is checked by preflight.")
     data_pvc: str = Field("imagenet-data", description="PVC with the ImageFolder.")
     checkpoint_pvc: str = Field("seresnet-checkpoints", description="PVC for output_dir.")
 
