@@ -1,4 +1,4 @@
-"""Render a Kubernetes training job from a training config (DESIGN.md decision 5).
+"""Render a Kubernetes training job from a training config (one config is the source of truth: a cluster job cannot drift from its config).
 
 The output folder is a small kustomize overlay on the repository's own manifests (k8s/training/...):
 it swaps in the resolved config as the job's ConfigMap and patches image, nodes, GPUs per node,

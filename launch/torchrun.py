@@ -1,6 +1,6 @@
 """torchrun command builders: one machine (standalone) and several nodes (c10d rendezvous).
 
-DeepSpeed runs under the same torchrun command (DESIGN.md decision 4): the trainer reads
+DeepSpeed runs under the same torchrun command (no SSH/pdsh launcher, so one command works on bare metal, Slurm and Kubernetes): the trainer reads
 RANK/WORLD_SIZE/LOCAL_RANK and calls ``deepspeed.initialize`` itself, so no SSH/pdsh launcher is needed.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Kubernetes manifests: every kustomization builds with kubectl kustomize and every object validates
-(core kinds with kubernetes-validate, strict; CRDs against ../shared/k8s-schemas); security, secrets,
+(core kinds with kubernetes-validate, strict; CRDs against the schemas vendored in k8s/schemas); security, secrets,
 wiring between objects; the job rendered by `launch k8s` equals its config; the plan-building init script."""
 from __future__ import annotations
 
@@ -103,26 +103,62 @@ def test_validation_rejects_broken_objects(rendered):
 
 # ---------------------------------------------------------------- security
 
-def test_pods_run_non_root_without_privileges_and_read_only_root(rendered):
+# Capabilities a container may add back after dropping ALL: IPC_LOCK only where the job asks for RDMA (the
+# verbs library pins registered memory), nothing anywhere else.
+RDMA_CAPS = ["IPC_LOCK"]
+
+
+def assert_pods_secure(objs, allowed_add=()) -> int:
+    """Every pod non-root with seccomp, no host namespaces/paths; EVERY container (init containers too) non-root
+    at container level, no privilege escalation, read-only root, capabilities dropped. Returns containers checked."""
     checked = 0
-    for obj in objects(rendered):
+    for obj in objs:
         if obj["kind"] not in POD_KINDS:
             continue
         for tmpl in pod_specs(obj):
             spec = tmpl["spec"]
-            assert spec["securityContext"]["runAsNonRoot"] is True, obj["metadata"]["name"]
-            assert spec["securityContext"].get("runAsUser", 1) != 0
-            assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-            assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
-            assert all("hostPath" not in vol for vol in spec.get("volumes", []))
+            where = f"{obj['kind']}/{obj['metadata']['name']}"
+            assert spec["securityContext"]["runAsNonRoot"] is True, where
+            assert spec["securityContext"].get("runAsUser", 1) != 0, where
+            assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+            assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), where
+            assert all("hostPath" not in vol for vol in spec.get("volumes", [])), where
             for c in spec["containers"] + spec.get("initContainers", []):
-                sc = c["securityContext"]
-                assert sc["allowPrivilegeEscalation"] is False, c["name"]
-                assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
-                assert sc["readOnlyRootFilesystem"] is True, c["name"]
-                assert not sc.get("privileged")
+                sc = c.get("securityContext", {})
+                name = f"{where} container {c['name']}"
+                assert sc.get("runAsNonRoot") is True, f"{name}: securityContext.runAsNonRoot must be true"
+                assert sc.get("runAsUser", 1) != 0, name
+                assert sc["allowPrivilegeEscalation"] is False, name
+                assert sc["capabilities"]["drop"] == ["ALL"], name
+                assert set(sc["capabilities"].get("add", [])) <= set(allowed_add), name
+                assert sc["readOnlyRootFilesystem"] is True, name
+                assert not sc.get("privileged"), name
                 checked += 1
+    return checked
+
+
+def test_pods_run_non_root_without_privileges_and_read_only_root(rendered):
+    checked = 0
+    for d, objs in rendered.items():
+        checked += assert_pods_secure(objs, RDMA_CAPS if d.endswith("-rdma") else ())
     assert checked >= 8
+
+
+def test_security_check_catches_a_root_container(rendered):
+    """The check is not vacuous: an init container without container-level runAsNonRoot fails it."""
+    job = copy.deepcopy(_job(rendered, "indexed-job"))
+    init = copy.deepcopy(job["spec"]["template"]["spec"]["containers"][0])
+    init["name"] = "fetch"
+    del init["securityContext"]["runAsNonRoot"]
+    job["spec"]["template"]["spec"]["initContainers"] = [init]
+    with pytest.raises(AssertionError, match="container fetch"):
+        assert_pods_secure([job])
+    job = copy.deepcopy(_job(rendered, "ddp"))
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["securityContext"][
+        "capabilities"]["add"] = ["IPC_LOCK"]
+    with pytest.raises(AssertionError):
+        assert_pods_secure([job])
+    assert assert_pods_secure([job], RDMA_CAPS) == 1
 
 
 SECRET_KEY_NAMES = re.compile(r"(pass(word)?|secret|token|api[-_]?key|private[-_]?key|credential|auth)", re.I)
@@ -321,6 +357,7 @@ def test_launch_k8s_renders_the_job_from_the_training_config(tmp_path, kubectl, 
         v.validate_object(obj)
         assert obj["metadata"]["namespace"] == "research"
     assert find_secrets(objs) == []
+    assert assert_pods_secure(objs) == 1
     cfg = load_config(config, sets)
     job = next(o for o in objs if o["kind"] in ("PyTorchJob", "Job"))
     if kind == "pytorchjob":
