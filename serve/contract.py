@@ -27,3 +27,23 @@ DEFAULT_GPU_CCS = ("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 def plan_filename(cc: str) -> str:
     """The plan file name for a GPU compute capability ('8.0' -> 'model.sm80.plan', '10.0' -> 'model.sm100.plan')."""
     return f"model.sm{cc.replace('.', '')}.plan"
+
+# Export folder (`python -m serve export`): what the repository writer reads.
+EXPORT_ONNX = "model.onnx"              # fp32, softmax in the graph
+EXPORT_INT8_ONNX = "model.int8.onnx"    # static QDQ int8 (`python -m serve quantize`)
+EXPORT_LABELS = "labels.txt"            # one class name per line, index order
+EXPORT_SPEC = "serving_spec.json"       # {"eval": eval-transform spec, "serve": limits and batching, "classes": [...]}
+PRECISIONS = ("fp32", "int8")
+# `int8` is a repository target too: the CPU route (python + ONNX Runtime) serving model.int8.onnx.
+REPOSITORY_TARGETS = TARGETS + ("int8",)
+
+# Inside a generated repository
+EVAL_SPEC_FILE = "eval_spec.json"       # preprocess/1/: the eval-transform spec as data
+REPOSITORY_MARKER = ".seresnet-repository"  # written first: `serve repository --out` only overwrites folders holding it
+
+# Custom Triton metrics recorded by the python models (dashboards and alerts use these names).
+CONFIDENCE_METRIC = "seresnet_prediction_confidence"
+CLASS_METRIC = "seresnet_predicted_class_total"
+NONFINITE_METRIC = "seresnet_nonfinite_predictions_total"
+REJECTED_METRIC = "seresnet_preprocess_rejected_total"   # label reason: one of REJECT_REASONS
+REJECT_REASONS = ("format", "image_bytes", "request_bytes", "pixels", "decode", "shape")

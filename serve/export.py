@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serve.contract import INPUT_NAME, OUTPUT_NAME
+from serve.contract import EXPORT_LABELS, EXPORT_ONNX, EXPORT_SPEC, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,50 @@ def eval_batch(images: Sequence[bytes], cfg) -> torch.Tensor:
 
     tf = eval_transform(EvalSpec.from_data_config(cfg.data))
     return torch.stack([tf(decode_image(b, cfg.serve.max_image_bytes, cfg.serve.max_image_pixels)) for b in images])
+
+
+def serving_spec(cfg, classes: list[str]) -> dict:
+    """What a Triton repository needs besides the ONNX: the eval-transform spec, the serving limits, the classes."""
+    d, sv = cfg.data, cfg.serve
+    return {
+        "eval": {"image_size": d.image_size, "eval_resize": d.eval_resize, "mean": list(d.mean), "std": list(d.std)},
+        "serve": {k: getattr(sv, k) for k in ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instances",
+                                              "preprocess_instances", "max_image_bytes", "max_image_pixels")}
+                 | ({"max_request_bytes": sv.max_request_bytes} if hasattr(sv, "max_request_bytes") else {}),
+        "classes": list(classes),
+    }
+
+
+def write_spec(out_dir: str | Path, cfg, classes: list[str], checkpoint: str | Path | None = None) -> Path:
+    """Write ``serving_spec.json`` and ``labels.txt`` into an export folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = serving_spec(cfg, classes)
+    if checkpoint is not None:
+        spec["checkpoint"] = str(Path(checkpoint).resolve())
+    (out / EXPORT_SPEC).write_text(json.dumps(spec, indent=2))
+    (out / EXPORT_LABELS).write_text("".join(f"{c}\n" for c in classes))
+    return out / EXPORT_SPEC
+
+
+def read_export(export_dir: str | Path) -> dict:
+    """The serving spec of an export folder, checked: ONNX + serving_spec.json + labels.txt."""
+    d = Path(export_dir)
+    missing = [n for n in (EXPORT_ONNX, EXPORT_SPEC, EXPORT_LABELS) if not (d / n).is_file()]
+    if missing:
+        raise ServeError(f"export folder '{d}' lacks {', '.join(missing)}; write it with 'python -m serve export --checkpoint CKPT --out {d}'.")
+    try:
+        spec = json.loads((d / EXPORT_SPEC).read_text())
+        labels = [line for line in (d / EXPORT_LABELS).read_text().splitlines() if line.strip()]
+        for key in ("image_size", "eval_resize", "mean", "std"):
+            spec["eval"][key]
+        spec["serve"]["max_batch_size"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ServeError(f"'{d / EXPORT_SPEC}' is not a serving spec ({type(err).__name__}: {err}); export again with 'python -m serve export'.") from None
+    if labels != spec.get("classes", labels):
+        raise ServeError(f"'{d / EXPORT_LABELS}' does not list the classes of '{d / EXPORT_SPEC}'; export again with 'python -m serve export'.")
+    spec["classes"] = labels
+    return spec
 
 
 def _read_images(images: Optional[Iterable[str | Path]], limit: int = 64) -> dict[str, bytes]:
@@ -98,7 +142,7 @@ def parity(model: nn.Module, onnx_path: str | Path, batch: torch.Tensor, atol: f
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, images: Optional[Iterable[str | Path]] = None,
                 atol: float = PARITY_ATOL, opset: int = OPSET) -> dict:
-    """Write ``out_dir/model.onnx`` (+ labels.txt, export_report.json), check it with onnx.checker and against PyTorch on real images.
+    """Write ``out_dir/model.onnx`` (+ labels.txt, serving_spec.json, export_report.json), check it with onnx.checker and against PyTorch on real images.
 
     Raises ServeError when the parity check fails. Returns the report dict (also written as JSON).
     """
@@ -119,7 +163,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, images: Optional[It
         )
     export_s = time.perf_counter() - t0
     onnx.checker.check_model(str(onnx_path), full_check=True)
-    (out / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
+    write_spec(out, cfg, classes, checkpoint)
     named = _read_images(images)
     report = {
         "onnx": str(onnx_path),

@@ -1,20 +1,35 @@
-"""The Triton model repository writer: se_resnet50 (python+ONNX Runtime, onnxruntime_onnx or tensorrt_plan), preprocess, postprocess, the classify ensemble."""
+"""The Triton model repository writer: reads an export folder (ONNX + serving spec + labels) and writes se_resnet50
+(python+ONNX Runtime, onnxruntime_onnx or tensorrt_plan; fp32 or int8), preprocess, postprocess and the classify
+ensemble as a self-contained folder: the python models' sources (serve/triton_runtime/), a verbatim copy of the eval
+transform (train/transforms.py) and its spec as JSON are copied in, so the repository can be moved and served by a
+python stub that cannot import this project."""
 from __future__ import annotations
 
+import hashlib
+import inspect
 import io
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
+import serve.contract
+import train.transforms
+from serve.contract import (CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE, ENSEMBLE_INPUT, EVAL_SPEC_FILE, EXPORT_INT8_ONNX,
+                            EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS, PREPROCESS,
+                            REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
 from serve.errors import ServeError
-from serve.contract import (CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE, ENSEMBLE_INPUT, INPUT_NAME, OUTPUT_NAME, PIXELS,
-                            POSTPROCESS, PREPROCESS, TARGETS, plan_filename)
-from serve.export import export_onnx
+from serve.export import export_onnx, load_checkpoint, read_export, write_spec
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SOURCES = PROJECT_ROOT / "model_repository"   # python models kept in git; copied into version folders
+RUNTIME = Path(__file__).resolve().parent / "triton_runtime"   # python model sources, copied into version folders
+MODEL_SOURCES = {CLASSIFIER: RUNTIME / "classifier.py", PREPROCESS: RUNTIME / "preprocess.py",
+                 POSTPROCESS: RUNTIME / "postprocess.py"}
+# train/transforms.py imports this from the project only for a type annotation (strings under
+# `from __future__ import annotations`): the serving copy drops it and needs nothing else from the project.
+ANNOTATION_ONLY_IMPORT = "from train.config import DataConfig"
 def _pb():
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -44,12 +59,11 @@ def classifier_config(target: str, serve_cfg, image_size: int, num_classes: int,
     if target == "cpu":
         cfg.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
-        _param(cfg, "PROJECT_ROOT", PROJECT_ROOT)
-        _param(cfg, "ONNX_FILE", "model.onnx")
+        _param(cfg, "ONNX_FILE", EXPORT_ONNX)
         _param(cfg, "ORT_THREADS", ort_threads)
     elif target == "onnx":
         cfg.platform = "onnxruntime_onnx"
-        cfg.default_model_filename = "model.onnx"
+        cfg.default_model_filename = EXPORT_ONNX
         if ort_tensorrt:
             acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             acc.parameters["precision_mode"] = "FP16"
@@ -71,18 +85,18 @@ def classifier_config(target: str, serve_cfg, image_size: int, num_classes: int,
     return cfg
 
 
-def preprocess_config(cfg_all, warmup_bytes: int, instances: int = 1):
-    """ModelConfig of `preprocess`: records the eval spec and the decode limits so serving reproduces the eval transform."""
+def preprocess_config(serve_cfg, image_size: int, warmup_bytes: int, instances: int = 1, max_request_bytes: int = 0):
+    """ModelConfig of `preprocess`: the decode limits as parameters; the eval-transform spec is eval_spec.json beside model.py."""
     mc = _pb()
-    d, s = cfg_all.data, cfg_all.serve
+    s = serve_cfg
     cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=s.max_batch_size)
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
-    cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, d.image_size, d.image_size])
+    cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
     _batching(cfg, s)
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
-    for key, value in {"PROJECT_ROOT": PROJECT_ROOT, "IMAGE_SIZE": d.image_size, "EVAL_RESIZE": d.eval_resize,
-                       "MEAN": json.dumps(list(d.mean)), "STD": json.dumps(list(d.std)),
-                       "MAX_IMAGE_BYTES": s.max_image_bytes, "MAX_IMAGE_PIXELS": s.max_image_pixels,
+    for key, value in {"EVAL_SPEC_FILE": EVAL_SPEC_FILE, "MAX_IMAGE_BYTES": s.max_image_bytes,
+                       "MAX_IMAGE_PIXELS": s.max_image_pixels,
+                       "MAX_REQUEST_BYTES": max_request_bytes or default_max_request_bytes(s),
                        "TORCH_THREADS": 1}.items():
         _param(cfg, key, value)
     warm = cfg.model_warmup.add(name="sample_jpeg", batch_size=1)
@@ -92,13 +106,18 @@ def preprocess_config(cfg_all, warmup_bytes: int, instances: int = 1):
     return cfg
 
 
+def default_max_request_bytes(serve_cfg) -> int:
+    """Total encoded bytes one request may carry: `serve.max_request_bytes` where the config has it, else two images at the byte limit."""
+    return int(getattr(serve_cfg, "max_request_bytes", 0) or 2 * serve_cfg.max_image_bytes)
+
+
 def postprocess_config(serve_cfg, num_classes: int):
     mc = _pb()
     cfg = mc.ModelConfig(name=POSTPROCESS, backend="python", max_batch_size=serve_cfg.max_batch_size)
     cfg.input.add(name="scores", data_type=mc.TYPE_FP32, dims=[num_classes])
     cfg.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[num_classes], label_filename="labels.txt")
+    _batching(cfg, serve_cfg)  # one batched metrics record per execute()
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-    _param(cfg, "PROJECT_ROOT", PROJECT_ROOT)
     _param(cfg, "METRICS_MODEL", CLASSIFIER)
     return cfg
 
@@ -146,6 +165,23 @@ def _warmup_jpeg(size: int) -> bytes:
     return buf.getvalue()
 
 
+def eval_module_source() -> str:
+    """train/transforms.py verbatim (the one eval transform), minus its annotation-only project import."""
+    src = inspect.getsource(train.transforms)
+    project = [l.strip() for l in src.splitlines() if re.match(r"\s*(from|import)\s+(train|serve|launch|scripts)\b", l)]
+    if "from __future__ import annotations" not in src or any(l != ANNOTATION_ONLY_IMPORT for l in project):
+        raise ServeError(f"train/transforms.py imports {', '.join(project) or 'project code'} at run time; the serving copy "
+                         "must stand alone, so keep its project imports to the annotation-only DataConfig.")
+    body = src.replace(ANNOTATION_ONLY_IMPORT + "\n", f"# {ANNOTATION_ONLY_IMPORT}  (annotation only: not needed when serving)\n")
+    return "# Copied verbatim by serve.repository from train/transforms.py: the one eval transform. Do not edit.\n" + body
+
+
+def runtime_files(model: str) -> dict[str, Path | bytes]:
+    """Version-folder files of a python model: model.py and the modules it imports (no project code)."""
+    return {"1/model.py": MODEL_SOURCES[model], "1/seresnet_serving.py": RUNTIME / "seresnet_serving.py",
+            "1/seresnet_contract.py": Path(inspect.getsourcefile(serve.contract))}
+
+
 def _write_model(out: Path, name: str, cfg, files: dict[str, Path | bytes], labels: Optional[list[str]] = None) -> None:
     d = out / name
     (d / "1").mkdir(parents=True, exist_ok=True)
@@ -161,63 +197,100 @@ def _write_model(out: Path, name: str, cfg, files: dict[str, Path | bytes], labe
             shutil.copyfile(src, dst)
 
 
-def write_model_repository(checkpoint: str | Path, out_dir: str | Path, target: str = "cpu", *,
-                           onnx_path: Optional[str | Path] = None, plan: Optional[str | Path] = None,
-                           plan_cc: Optional[str] = None, ort_tensorrt: bool = False, ort_threads: int = 0,
-                           preprocess_instances: Optional[int] = None, images=None) -> Path:
-    """Write a servable Triton repository for ``checkpoint`` into ``out_dir`` and return its path.
-
-    Exports ONNX (with the parity check) unless ``onnx_path`` is given. ``target``: 'cpu' (python backend +
-    ONNX Runtime, for the local tritonserver), 'onnx' (onnxruntime_onnx, optionally with the TensorRT
-    accelerator) or 'tensorrt' (tensorrt_plan named per compute capability; ONNX kept alongside as fallback
-    for the init container; ``plan``/``plan_cc`` copy a plan built with ``python -m serve trt``).
-    """
-    from serve.export import load_checkpoint
-
-    if target not in TARGETS:
-        raise ServeError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}.")
+def prepare_out(out_dir: str | Path) -> Path:
+    """The repository folder, emptied of our models; a non-empty folder we did not write is refused (marker file)."""
     out = Path(out_dir).resolve()
-    if out == SOURCES.resolve():
-        raise ServeError(f"--out '{out_dir}' is the folder of model sources kept in git; write the repository elsewhere (e.g. runs/model_repository).")
-    _, cfg, classes = load_checkpoint(checkpoint)
+    if out.exists() and not out.is_dir():
+        raise ServeError(f"--out '{out_dir}' is a file; pass a new or empty folder for the repository.")
+    ours = (out / REPOSITORY_MARKER).is_file() or (out / "repository.json").is_file()  # repository.json: older writers
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise ServeError(f"--out '{out_dir}' is a non-empty folder that 'serve repository' did not write (no {REPOSITORY_MARKER}); "
+                         "pass a new or empty folder.")
     for name in (CLASSIFIER, PREPROCESS, POSTPROCESS, ENSEMBLE):
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    if onnx_path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="seresnet-export-")
-        report = export_onnx(checkpoint, tmp.name, images=images)
-        (out / "export_report.json").write_text(json.dumps(report, indent=2))
-        onnx_path = Path(tmp.name) / "model.onnx"
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise ServeError(f"ONNX model '{onnx_path}' does not exist; run 'python -m serve export' first.")
-    n, size, s = len(classes), cfg.data.image_size, cfg.serve
+    (out / REPOSITORY_MARKER).write_text("written by python -m serve repository; it may overwrite this folder\n")
+    return out
 
-    cls_files: dict[str, Path | bytes] = {"1/model.onnx": onnx_path}
-    if target == "cpu":
-        cls_files["1/model.py"] = SOURCES / "se_resnet50_onnxruntime" / "model.py"
-    if target == "tensorrt" and plan is not None:
-        if not Path(plan).is_file():
-            raise ServeError(f"TensorRT plan '{plan}' does not exist; build it with 'python -m serve trt'.")
-        cls_files[f"1/{plan_filename(plan_cc) if plan_cc else 'model.plan'}"] = Path(plan)
-    _write_model(out, CLASSIFIER, classifier_config(target, s, size, n, ort_threads=ort_threads, ort_tensorrt=ort_tensorrt),
-                 cls_files, labels=classes)
 
-    jpeg = _warmup_jpeg(size)
-    _write_model(out, PREPROCESS, preprocess_config(cfg, len(jpeg), preprocess_instances or s.preprocess_instances),
-                 {"1/model.py": SOURCES / "preprocess" / "model.py", "warmup/sample.jpg": jpeg})
-    with_post = target != "cpu"  # the CPU classifier is python and records the metrics itself
-    if with_post:
-        _write_model(out, POSTPROCESS, postprocess_config(s, n), {"1/model.py": SOURCES / "postprocess" / "model.py"},
-                     labels=classes)
-    _write_model(out, ENSEMBLE, ensemble_config(s, n, with_post), {}, labels=classes)
-    if tmp is not None:
-        tmp.cleanup()
-    (out / "repository.json").write_text(json.dumps({
-        "checkpoint": str(Path(checkpoint).resolve()), "target": target, "classes": classes,
-        "eval_spec": {"image_size": size, "eval_resize": cfg.data.eval_resize, "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
-        "limits": {"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels},
-        "models": [CLASSIFIER, PREPROCESS] + ([POSTPROCESS] if with_post else []) + [ENSEMBLE],
-    }, indent=2))
+def _export_folder(source: Path, onnx_path: Optional[Path], precision: str, images, tmp: Path, out: Path) -> tuple[Path, Path]:
+    """(export folder, ONNX file to serve) from an export folder, or from a checkpoint (exported first, or with ``onnx_path``)."""
+    name = EXPORT_INT8_ONNX if precision == "int8" else EXPORT_ONNX
+    if source.is_dir():
+        return source, Path(onnx_path) if onnx_path else source / name
+    if not source.is_file():
+        raise ServeError(f"'{source}' does not exist; pass an export folder (python -m serve export) or a checkpoint.")
+    if onnx_path is not None:
+        _, cfg, classes = load_checkpoint(source)
+        write_spec(tmp, cfg, classes, source)
+        (tmp / EXPORT_ONNX).symlink_to(Path(onnx_path).resolve())
+        return tmp, Path(onnx_path)
+    if precision == "int8":
+        raise ServeError("an int8 repository serves model.int8.onnx of an export folder; run 'python -m serve export' and "
+                         "'python -m serve quantize --export DIR', then pass that folder instead of the checkpoint.")
+    report = export_onnx(source, tmp, images=images)
+    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    return tmp, tmp / EXPORT_ONNX
+
+
+def write_model_repository(source: str | Path, out_dir: str | Path, target: str = "cpu", *, precision: str = "fp32",
+                           onnx_path: Optional[str | Path] = None, plan: Optional[str | Path] = None,
+                           plan_cc: Optional[str] = None, ort_tensorrt: bool = False, ort_threads: int = 0,
+                           preprocess_instances: Optional[int] = None, images=None,
+                           max_request_bytes: Optional[int] = None) -> Path:
+    """Write a servable, self-contained Triton repository into ``out_dir`` and return its path.
+
+    ``source``: an export folder (``python -m serve export``: model.onnx [+ model.int8.onnx], serving_spec.json,
+    labels.txt) or, as a convenience, a checkpoint (exported first with the parity check, unless ``onnx_path`` is
+    given). ``target``: 'cpu' (python backend + ONNX Runtime, for the local tritonserver), 'onnx'
+    (onnxruntime_onnx, optionally with the TensorRT accelerator), 'tensorrt' (tensorrt_plan named per compute
+    capability; the ONNX kept alongside for the init container; ``plan``/``plan_cc`` copy a plan built with
+    ``python -m serve trt``) or 'int8' (= 'cpu' with ``precision='int8'``). ``precision='int8'`` serves the export
+    folder's model.int8.onnx (static QDQ) through the target's route. ``out_dir`` must be new, empty or a
+    repository this writer made.
+    """
+    if target == "int8":
+        target, precision = "cpu", "int8"
+    if target not in TARGETS:
+        raise ServeError(f"unknown target '{target}'; choose one of {', '.join(REPOSITORY_TARGETS)}.")
+    if precision not in PRECISIONS:
+        raise ServeError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    if plan is not None and not Path(plan).is_file():
+        raise ServeError(f"TensorRT plan '{plan}' does not exist; build it with 'python -m serve trt'.")
+    with tempfile.TemporaryDirectory(prefix="seresnet-export-") as tmp:
+        out = prepare_out(out_dir)
+        export_dir, onnx = _export_folder(Path(source), Path(onnx_path) if onnx_path else None, precision, images, Path(tmp), out)
+        spec = read_export(export_dir)
+        if not onnx.is_file():
+            hint = "'python -m serve quantize --export DIR'" if precision == "int8" else "'python -m serve export'"
+            raise ServeError(f"ONNX model '{onnx}' does not exist; write it with {hint} first.")
+        classes, ev, s = spec["classes"], spec["eval"], SimpleNamespace(**spec["serve"])
+        n, size = len(classes), int(ev["image_size"])
+        cls_files: dict[str, Path | bytes] = {f"1/{EXPORT_ONNX}": onnx}   # int8: the QDQ model under the served name
+        if target == "cpu":
+            cls_files.update(runtime_files(CLASSIFIER))
+        if target == "tensorrt" and plan is not None:
+            cls_files[f"1/{plan_filename(plan_cc) if plan_cc else 'model.plan'}"] = Path(plan)
+        cls_cfg = classifier_config(target, s, size, n, ort_threads=ort_threads, ort_tensorrt=ort_tensorrt)
+        _param(cls_cfg, "PRECISION", precision)
+        _write_model(out, CLASSIFIER, cls_cfg, cls_files, labels=classes)
+
+        jpeg = _warmup_jpeg(size)
+        request_cap = max_request_bytes or default_max_request_bytes(s)
+        pre_files = {**runtime_files(PREPROCESS), "1/seresnet_eval.py": eval_module_source().encode(),
+                     f"1/{EVAL_SPEC_FILE}": json.dumps(ev, indent=2).encode(), "warmup/sample.jpg": jpeg}
+        _write_model(out, PREPROCESS, preprocess_config(s, size, len(jpeg), preprocess_instances or s.preprocess_instances,
+                                                        request_cap), pre_files)
+        with_post = target != "cpu"  # the CPU classifier is python and records the metrics itself
+        if with_post:
+            _write_model(out, POSTPROCESS, postprocess_config(s, n), runtime_files(POSTPROCESS), labels=classes)
+        _write_model(out, ENSEMBLE, ensemble_config(s, n, with_post), {}, labels=classes)
+        (out / "repository.json").write_text(json.dumps({
+            "source": str(Path(source).resolve()), "checkpoint": spec.get("checkpoint"), "target": target,
+            "precision": precision, "classes": classes, "eval_spec": ev,
+            "onnx_sha256": hashlib.sha256(onnx.read_bytes()).hexdigest(),
+            "limits": {"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
+                       "max_request_bytes": request_cap},
+            "models": [CLASSIFIER, PREPROCESS] + ([POSTPROCESS] if with_post else []) + [ENSEMBLE],
+        }, indent=2))
     return out

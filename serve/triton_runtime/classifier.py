@@ -1,34 +1,33 @@
-"""Triton python model `se_resnet50` for the CPU-local target: ONNX Runtime on the exported model.onnx, one batched run per execute()."""
-import json
+"""Triton python model `se_resnet50` for the CPU targets (fp32 and int8): ONNX Runtime on model.onnx, one batched run per execute()."""
 import os
 import sys
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the copied modules beside this file
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        root = params.get("PROJECT_ROOT", "")
-        if root and os.path.isdir(root) and root not in sys.path:
-            sys.path.insert(0, root)  # the stub ignores PYTHONPATH
+        import json
+
         import onnxruntime as ort
 
-        from serve.pb_common import read_labels
-        from serve.pb_metrics import PredictionMetrics
+        import seresnet_serving as sv
 
+        cfg = json.loads(args["model_config"])
+        p = sv.params(cfg)
         so = ort.SessionOptions()
-        threads = int(params.get("ORT_THREADS", "0"))
+        threads = int(p.get("ORT_THREADS", "0"))
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-        path = os.path.join(args["model_repository"], args["model_version"], params.get("ONNX_FILE", "model.onnx"))
+        path = os.path.join(args["model_repository"], args["model_version"], p.get("ONNX_FILE", "model.onnx"))
         self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.input_name = cfg["input"][0]["name"]
         self.output_name = cfg["output"][0]["name"]
-        self.metrics = PredictionMetrics(pb_utils, args["model_name"], read_labels(args, cfg))
+        self.metrics = sv.PredictionMetrics(pb_utils, args["model_name"], sv.read_labels(args, cfg))
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
