@@ -76,3 +76,18 @@ def test_nan_loss_stops_cleanly_and_leaves_no_poisoned_checkpoint(tiny_imagefold
     for p in (out / "checkpoints").glob("*.pt"):
         state = safe_load(p)
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), p
+
+
+@pytest.mark.parametrize("key", ["model", "train_model"])
+def test_a_non_finite_model_state_is_never_written(tmp_path, key):
+    """The save path checks weights (and buffers) finite first: nothing is written, the previous checkpoint stays last."""
+    m = CheckpointManager(tmp_path, keep_last=3)
+    m.save(_state(1), 1)
+    bad = _state(2)
+    bad[key] = {"w": torch.tensor([1.0, float("nan"), 2.0, 3.0]), "bn.running_var": torch.tensor([float("inf")]),
+                "bn.num_batches_tracked": torch.tensor(5)}
+    with pytest.raises(CheckpointError, match=r"^Refused to write a checkpoint at step 2: the model holds NaN/inf in "
+                                              r"w, bn.running_var; the previous checkpoint is kept"):
+        m.save(bad, 2)
+    assert [p.name for p in m.step_files()] == ["step-00000001.pt"] and not list(tmp_path.glob(".*tmp"))
+    assert safe_load(m.last)["global_step"] == 1

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from train.runlock import RunLock, RunLockError, arm_parent_death_signal
 from train.config import ConfigError, load_config
 
 
@@ -23,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        # First thing under torchrun: die with the launcher (even a kill -9 of it), never train as an orphan.
+        arm_parent_death_signal()
+    except RunLockError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     from train.models import PretrainedError
 
     setup_logging()
+    # One run per output folder: rank 0 takes <output_dir>/.lock before anything is built or written; the other
+    # ranks check it too, so a refused run stops on every rank with the same sentence.
+    lock = RunLock(cfg.output_dir, rank=int(os.environ.get("RANK", "0")))
+    try:
+        lock.acquire()
+    except RunLockError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         trainer = Trainer(cfg)
         try:
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EngineError, CheckpointError, PretrainedError, ConfigError, MetricsPortError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        lock.release()
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Checkpoints: atomic writes with a SHA-256 sidecar, keep-last-K, 'best', safe loading (weights_only), fallback on corruption."""
+"""Checkpoints: atomic writes with a SHA-256 sidecar, keep-last-K, 'best', safe loading (weights_only), fallback on
+corruption, and a finiteness check: a model state with NaN/inf is never written (a run resumed from it could not
+recover)."""
 from __future__ import annotations
 
 import hashlib
@@ -62,6 +64,22 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of floating-point tensors in ``tensors`` (a state dict) holding NaN or inf."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(model_state: dict, step: Optional[int] = None) -> None:
+    """Raise CheckpointError when a model state dict holds NaN/inf (weights or buffers such as BatchNorm statistics)."""
+    bad = nonfinite_tensors(model_state)
+    if bad:
+        at = f" at step {step}" if step is not None else ""
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"Refused to write a checkpoint{at}: the model holds NaN/inf in {', '.join(bad[:3])}{more}; "
+                              f"the previous checkpoint is kept (lower optim.lr to avoid the divergence).")
+
+
 def verify(path: str | Path) -> None:
     path = Path(path)
     side = path.with_name(path.name + ".sha256")
@@ -109,6 +127,9 @@ class CheckpointManager:
         return sorted(self.dir.glob("step-*.pt"))
 
     def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+        """Write step-<step>.pt and point last.pt (and best.pt) at it; refuses a non-finite ``state['model']``."""
+        for key in ("model", "train_model"):  # train_model: the raw weights when ``model`` holds an average (EMA)
+            check_finite(state.get(key) or {}, step)
         state = {"format": FORMAT, **state}
         path = atomic_save(state, self.dir / f"step-{step:08d}.pt")
         for name in ("last.pt",) + (("best.pt",) if is_best else ()):
