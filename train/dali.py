@@ -1,17 +1,37 @@
-"""DALI pipelines: GPU 'mixed' decode when a CUDA device is given, CPU (device_id=None) otherwise; sharded with
-readers.file (shard_id/num_shards, pad_last_batch, reader_name). Labels carry the global sample index."""
+"""DALI pipelines: GPU 'mixed' decode when a CUDA device is given, CPU (device_id=None) otherwise. Each pipeline
+is built once (per split, rank and image size) and fed by an external source that reads the files of the current
+pass in the order a sample plan gives, so a new epoch is a new order, not a new pipeline. Labels carry the
+global sample index. A file the decoder refuses is found, skipped or reported (data.on_corrupt) without a crash.
+
+Self-contained on purpose: train.data imports this module, never the reverse (nvidia.dali is imported lazily,
+it is an optional dependency)."""
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from train.config import DataConfig
-from train.data import Loader
+from train.listing import DataError, check_image
 from train.transforms import EvalSpec
 
-READER = "Reader"
+log = logging.getLogger(__name__)
+
+# nvJPEG allocation padding for 'mixed' decode, the values NVIDIA's DeepLearningExamples ConvNets use
+# (image_classification/dataloaders.py): avoids reallocations when a larger image arrives mid-epoch.
+DEVICE_MEMORY_PADDING = 211025920
+HOST_MEMORY_PADDING = 140544512
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def _dali_device(device: Optional[torch.device]) -> tuple[Optional[int], str]:
@@ -25,36 +45,78 @@ def _threads(data: DataConfig) -> int:
     return max(1, data.workers)
 
 
-def _reader(files, labels, shard_id: int, num_shards: int, pad: bool, seed: int):
-    from nvidia.dali import fn
-    return fn.readers.file(files=list(files), labels=[int(x) for x in labels], random_shuffle=False,
-                           shard_id=shard_id, num_shards=num_shards, pad_last_batch=pad, name=READER, seed=seed)
+def _decoder_kwargs(decode_device: str) -> dict:
+    if decode_device != "mixed":
+        return {}
+    return {"device_memory_padding": DEVICE_MEMORY_PADDING, "host_memory_padding": HOST_MEMORY_PADDING}
 
 
-def _normalize(images, data: DataConfig, crop: Optional[int], mirror):
+def _read(path: str) -> np.ndarray:
+    # Plain buffered reads (no mmap): safe on NFS/Lustre, the case DALI's readers.file needs dont_use_mmap for.
+    with open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8)
+
+
+class _Source:
+    """external_source callback (batch mode): the encoded bytes and global indices of the current pass, batch by
+    batch; StopIteration ends the pass. Indices in ``substitute`` are replaced (files the decoder refused)."""
+
+    def __init__(self, paths: list[str], batch: int, threads: int):
+        self.paths, self.batch = paths, batch
+        self.order = np.empty(0, dtype=np.int64)
+        self.fed = 0
+        self.substitute: dict[int, int] = {}
+        self._pool = ThreadPoolExecutor(threads)
+
+    def start(self, order: np.ndarray) -> None:
+        self.order, self.fed = np.asarray(order, dtype=np.int64), 0
+
+    def stop(self) -> None:
+        self.order = self.order[: self.fed]
+
+    def fed_indices(self, since: int) -> list[int]:
+        return [self.substitute.get(int(i), int(i)) for i in self.order[since: self.fed]]
+
+    def __call__(self):
+        if self.fed >= len(self.order):
+            raise StopIteration
+        idx = [self.substitute.get(int(i), int(i)) for i in self.order[self.fed: self.fed + self.batch]]
+        self.fed += len(idx)
+        data = list(self._pool.map(_read, [self.paths[i] for i in idx]))
+        return data, [np.array([i], dtype=np.int64) for i in idx]
+
+
+def _source_node(source: _Source):
+    from nvidia.dali import fn, types
+    return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+
+
+def _normalize(images, data: DataConfig, crop: Optional[int], mirror, channels_last: bool):
+    """float output, CHW, or HWC when the consumer wants channels_last: an NHWC batch is an NCHW channels_last
+    tensor after a free permute (no copy)."""
     from nvidia.dali import fn, types
     kwargs = {"crop": (crop, crop), "crop_pos_x": 0.5, "crop_pos_y": 0.5} if crop else {}
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
                                     mean=[m * 255.0 for m in data.mean], std=[s * 255.0 for s in data.std],
                                     mirror=mirror, **kwargs)
 
 
-def build_train_pipeline(data: DataConfig, files: list[str], labels: np.ndarray, shard_id: int, num_shards: int,
-                         seed: int, device: Optional[torch.device] = None):
+def build_train_pipeline(data: DataConfig, source: _Source, seed: int, device: Optional[torch.device] = None,
+                         channels_last: bool = False, image_size: Optional[int] = None):
     """RandomResizedCrop(scale_min..1), flip, brightness/contrast/saturation jitter, rotation, normalise."""
     from nvidia.dali import fn, pipeline_def, types
 
     device_id, decode_device = _dali_device(device)
-    j, r = data.jitter, data.rotate_deg
+    j, r, size = data.jitter, data.rotate_deg, image_size or data.image_size
 
     @pipeline_def(batch_size=data.batch_size, num_threads=_threads(data), device_id=device_id, seed=seed,
                   prefetch_queue_depth=2)
     def pipe():
-        jpegs, labels_ = _reader(files, labels, shard_id, num_shards, pad=True, seed=seed)
-        images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
-                                               random_area=[data.scale_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
-        images = fn.resize(images, resize_x=data.image_size, resize_y=data.image_size, interp_type=types.INTERP_LINEAR,
-                           antialias=True)
+        encoded, index = _source_node(source)
+        images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
+                                               random_area=[data.scale_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                               **_decoder_kwargs(decode_device))
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
         if r > 0:
             images = fn.rotate(images, angle=fn.random.uniform(range=(-r, r)), keep_size=True, fill_value=0,
                                interp_type=types.INTERP_LINEAR)
@@ -62,14 +124,14 @@ def build_train_pipeline(data: DataConfig, files: list[str], labels: np.ndarray,
             images = fn.color_twist(images, brightness=fn.random.uniform(range=(1 - j, 1 + j)),
                                     contrast=fn.random.uniform(range=(1 - j, 1 + j)),
                                     saturation=fn.random.uniform(range=(1 - j, 1 + j)))
-        images = _normalize(images, data, None, fn.random.coin_flip(probability=data.flip_p))
-        return images, labels_
+        images = _normalize(images, data, None, fn.random.coin_flip(probability=data.flip_p), channels_last)
+        return images, index
 
     return pipe()
 
 
-def build_eval_pipeline(data: DataConfig, files: list[str], labels: np.ndarray, shard_id: int = 0,
-                        num_shards: int = 1, device: Optional[torch.device] = None):
+def build_eval_pipeline(data: DataConfig, source: _Source, device: Optional[torch.device] = None,
+                        channels_last: bool = False):
     """The DALI twin of train.transforms.eval_transform: resize shorter side, centre crop, normalise."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -78,12 +140,12 @@ def build_eval_pipeline(data: DataConfig, files: list[str], labels: np.ndarray, 
 
     @pipeline_def(batch_size=data.batch_size, num_threads=_threads(data), device_id=device_id, seed=0)
     def pipe():
-        jpegs, labels_ = _reader(files, labels, shard_id, num_shards, pad=True, seed=0)
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        encoded, index = _source_node(source)
+        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **_decoder_kwargs(decode_device))
         images = fn.resize(images, **_torchvision_resize_args(images, spec.eval_resize), interp_type=types.INTERP_LINEAR,
                            antialias=True)
-        images = _normalize(images, data, spec.image_size, 0)
-        return images, labels_
+        images = _normalize(images, data, spec.image_size, 0, channels_last)
+        return images, index
 
     return pipe()
 
@@ -99,37 +161,98 @@ def _torchvision_resize_args(images, size: int) -> dict:
     return {"resize_y": dmath.floor(h * size / short + 1e-3), "resize_x": dmath.floor(w * size / short + 1e-3)}
 
 
-class _DaliBatches:
-    def __init__(self, pipe, policy, size_hint: int):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-        self.it = DALIGenericIterator([pipe], ["images", "index"], reader_name=READER, last_batch_policy=policy,
-                                      auto_reset=False)
+def _to_torch(tl, device: Optional[torch.device]) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-    def __iter__(self):
-        for batch in self.it:
-            out = batch[0]
-            yield out["images"], out["index"].reshape(-1).long()
+    t = tl.as_tensor()
+    on_gpu = device is not None and device.type == "cuda"
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device if on_gpu else "cpu")
+    feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device) if on_gpu else None)
+    return out
 
 
-def dali_train_loader(data: DataConfig, paths: list[str], plan: np.ndarray, rank: int, seed: int, epoch: int,
-                      start_step: int, device: Optional[torch.device]) -> Loader:
-    """Every rank builds the same file list (each rank's plan row, resumed at ``start_step``), and DALI's
-    shard_id/num_shards hands rank r exactly its own row."""
-    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+class DaliPasses:
+    """One DALI pipeline, many passes: ``passes(order)`` yields (images, global indices) for the samples of
+    ``order`` in batches. Images are NCHW float; with ``channels_last`` the pipeline emits NHWC and the tensor is
+    its NCHW permute (``is_contiguous(memory_format=torch.channels_last)``, no copy)."""
 
-    world = plan.shape[0]
-    rows = plan[:, start_step * data.batch_size:]
-    flat = rows.reshape(-1)
-    pipe = build_train_pipeline(data, [paths[i] for i in flat], flat, rank, world,
-                                seed=(seed * 1000003 + epoch * 101 + rank + start_step * 7919) % (2**31 - 1),
-                                device=device)
-    steps = rows.shape[1] // data.batch_size
-    return Loader(_DaliBatches(pipe, LastBatchPolicy.DROP, steps), steps)
+    def __init__(self, data: DataConfig, paths: list[str], build: Callable[[_Source], object],
+                 device: Optional[torch.device], channels_last: bool):
+        self.data, self.paths, self.build, self.device, self.channels_last = data, paths, build, device, channels_last
+        self.source = _Source(paths, data.batch_size, _threads(data))
+        self.pipe = build(self.source)
+        self.pipe.build()
+        self.substituted = 0
+        self._active = False
+
+    def _finish(self) -> None:
+        """End a pass the consumer left early: stop feeding, drain what is in flight, reset for the next pass."""
+        if not self._active:
+            return
+        self.source.stop()
+        while True:
+            try:
+                self.pipe.run()
+            except StopIteration:
+                break
+        self.pipe.reset()
+        self._active = False
+
+    def passes(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._finish()
+        order = np.asarray(order, dtype=np.int64)
+        self.source.start(order)
+        self._active = True
+        consumed = 0  # samples handed out from this pipeline's current pass
+        while True:
+            try:
+                images, index = self.pipe.run()
+            except StopIteration:
+                break
+            except RuntimeError as err:  # the decoder refused a file: find it, then skip it or say which it is
+                order = order[consumed:]
+                self._recover(self.source.fed_indices(consumed), err)
+                self.source.start(order)
+                consumed = 0
+                continue
+            x = _to_torch(images, self.device)
+            if self.channels_last:
+                x = x.permute(0, 3, 1, 2)
+            idx = _to_torch(index, None).reshape(-1)
+            consumed += len(idx)
+            yield x, idx
+        self.pipe.reset()
+        self._active = False
+
+    def _recover(self, in_flight: list[int], err: Exception) -> None:
+        bad = {i: msg for i in dict.fromkeys(in_flight) if (msg := check_image(self.paths[i]))}
+        if not bad:
+            raise err
+        shown = "; ".join(list(bad.values())[:3])
+        if self.data.on_corrupt == "fail":
+            raise DataError(f"{len(bad)} unreadable image(s) met in training: {shown}. Fix or remove them, or set "
+                            "data.on_corrupt=skip (data.verify=true checks every image at start).")
+        n = len(self.paths)
+        for i in bad:
+            j = (i + 1) % n
+            while j in bad or check_image(self.paths[j]):
+                j = (j + 1) % n
+            self.source.substitute[i] = j
+        self.substituted += len(bad)
+        log.warning("DALI: %d unreadable image(s) met in training, each replaced by the next readable sample "
+                    "(data.on_corrupt=skip; %d so far): %s", len(bad), self.substituted, shown)
+        # A pipeline whose operator raised is not reused: build a fresh one (rare: once per bad file).
+        self.pipe = self.build(self.source)
+        self.pipe.build()
 
 
-def dali_eval_loader(data: DataConfig, paths: list[str], shard: np.ndarray, device: Optional[torch.device]) -> Loader:
-    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+def dali_train_passes(data: DataConfig, paths: list[str], seed: int, device: Optional[torch.device],
+                      channels_last: bool = False, image_size: Optional[int] = None) -> DaliPasses:
+    return DaliPasses(data, paths, lambda src: build_train_pipeline(data, src, seed, device, channels_last, image_size),
+                      device, channels_last)
 
-    files = [paths[i] for i in shard]
-    pipe = build_eval_pipeline(data, files, shard, 0, 1, device)
-    return Loader(_DaliBatches(pipe, LastBatchPolicy.PARTIAL, 0), -(-len(shard) // data.batch_size))
+
+def dali_eval_passes(data: DataConfig, paths: list[str], device: Optional[torch.device],
+                     channels_last: bool = False) -> DaliPasses:
+    return DaliPasses(data, paths, lambda src: build_eval_pipeline(data, src, device, channels_last), device,
+                      channels_last)
