@@ -6,14 +6,17 @@ resources, volumes and restarts from ``cluster.*``, so the job applied to a clus
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from launch.torchrun import REPO_ROOT, LaunchError
+from train.compat import image_for_arch, train_images
 
 TRAINING_DIR = REPO_ROOT / "k8s" / "training"
 KINDS = ("pytorchjob", "indexed-job")
@@ -23,6 +26,55 @@ RDZV_PORT = 29400
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+COMPONENTS_DIR = TRAINING_DIR / "components"
+DEFAULT_IMAGE_ROW = "ampere_plus"   # no cluster.gpu_arch: the cu130 image (Turing .. Blackwell)
+
+
+@dataclass(frozen=True)
+class Rdma:
+    """RDMA/InfiniBand for NCCL across nodes (k8s/training/components/rdma): device-plugin resource, HCAs, interface."""
+    resource: str = "rdma/hca_shared_devices_a"
+    count: int = 1
+    ib_hca: str = "mlx5"
+    socket_ifname: str = "eth0"
+
+
+@dataclass(frozen=True)
+class Gang:
+    """Gang scheduling (k8s/training/components/gang): all nodes' pods bound at once or none (PyTorchJob only)."""
+    queue: Optional[str] = None
+    priority_class: Optional[str] = None
+    timeout_s: int = 600
+
+
+def image_for(image: str, gpu_arch: Optional[str]) -> tuple[str, str]:
+    """``cluster.image`` (repo:version) + the GPU generation -> (image with the build's tag suffix, row name).
+
+    One training image per GPU generation (train/compat.yaml ``train_images``): ``repo:0.1.0`` becomes
+    ``repo:0.1.0-cu126`` for Volta (7.0) and ``repo:0.1.0-cu130`` for Turing and newer. A tag that already ends
+    in a build suffix must be the right one; a digest (``@sha256:``) is taken as given."""
+    if gpu_arch is None:
+        row_name = DEFAULT_IMAGE_ROW
+    else:
+        if not re.fullmatch(r"\d+\.\d+", str(gpu_arch)):
+            raise LaunchError(f"cluster.gpu_arch '{gpu_arch}' must be a compute capability like 7.0 (V100), 8.0 (A100) or 9.0 (H100).")
+        try:
+            row_name, _ = image_for_arch(str(gpu_arch))
+        except KeyError:
+            known = sorted({a for r in train_images().values() for a in r["archs"]}, key=lambda a: tuple(map(int, a.split("."))))
+            raise LaunchError(f"No training image serves GPU compute capability {gpu_arch}; train/compat.yaml covers {', '.join(known)}.") from None
+    if "@" in image:
+        return image, row_name
+    suffixes = {r["tag_suffix"]: n for n, r in train_images().items()}
+    suffix = train_images()[row_name]["tag_suffix"]
+    name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    for other, other_row in suffixes.items():
+        if tag == other or tag.endswith("-" + other):
+            if other != suffix:
+                raise LaunchError(f"cluster.image '{image}' is the {other} build ({other_row}) but GPU compute capability "
+                                  f"{gpu_arch or 'unset (Turing or newer)'} needs the {suffix} build; drop the suffix and the renderer adds the right one.")
+            return image, row_name
+    return f"{name}:{tag}-{suffix}" if tag else f"{image}:{suffix}", row_name
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -66,13 +118,14 @@ def _container(prefix: str) -> str:
     return f"{prefix}/containers/0"
 
 
-def _common_pod_patches(prefix: str, cfg, nproc: int) -> list[dict]:
+def _common_pod_patches(prefix: str, cfg, nproc: int, rdma: Optional[Rdma] = None) -> list[dict]:
     c = cfg.cluster
     gpus = str(c.gpus_per_node)
+    extra = {rdma.resource: str(rdma.count)} if rdma else {}   # extended resources: request == limit
     return [
         {"op": "replace", "path": f"{_container(prefix)}/resources", "value": {
-            "requests": {"cpu": c.cpu, "memory": c.memory, "nvidia.com/gpu": gpus},
-            "limits": {"memory": c.memory, "nvidia.com/gpu": gpus}}},
+            "requests": {"cpu": c.cpu, "memory": c.memory, "nvidia.com/gpu": gpus, **extra},
+            "limits": {"memory": c.memory, "nvidia.com/gpu": gpus, **extra}}},
         {"op": "replace", "path": f"{prefix}/volumes/0/persistentVolumeClaim/claimName", "value": c.data_pvc},
         {"op": "replace", "path": f"{prefix}/volumes/1/persistentVolumeClaim/claimName", "value": c.checkpoint_pvc},
         {"op": "replace", "path": f"{prefix}/volumes/3/emptyDir/sizeLimit", "value": c.shm_size},
@@ -96,8 +149,11 @@ def _podmonitor_patch(nproc: int, job_label: str, job_name: str) -> dict:
 
 
 def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name: Optional[str] = None,
-                        data_root: str = DATA_MOUNT) -> Path:
-    """Write ``out_dir/kustomization.yaml`` and ``out_dir/train-config.yaml``; return the folder."""
+                        data_root: str = DATA_MOUNT, gpu_arch: Optional[str] = None, rdma: Optional[Rdma] = None,
+                        gang: Optional[Gang] = None) -> Path:
+    """Write ``out_dir/kustomization.yaml`` and ``out_dir/train-config.yaml``; return the folder.
+
+    ``gpu_arch`` (default ``cluster.gpu_arch``) picks the image build; ``rdma`` / ``gang`` add those components."""
     if kind not in KINDS:
         raise LaunchError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
     c = cfg.cluster
@@ -107,6 +163,12 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         raise LaunchError(f"cluster.max_nnodes ({c.max_nnodes}) must be 0 or >= cluster.nnodes ({c.nnodes}).")
     if not data_root.startswith("/"):
         raise LaunchError(f"--data-root must be an absolute path inside the pod (the data PVC is at {DATA_MOUNT}), got '{data_root}'.")
+    if gang is not None and kind != "pytorchjob":
+        raise LaunchError("Gang scheduling is rendered for --kind pytorchjob (runPolicy.schedulingPolicy); for an Indexed Job use Kueue or drop --gang.")
+    if rdma is not None and (rdma.count < 1 or "/" not in rdma.resource):
+        raise LaunchError(f"--rdma-resource '{rdma.resource}' x {rdma.count} must be a device-plugin resource like rdma/hca_shared_devices_a with a count >= 1.")
+    gpu_arch = gpu_arch if gpu_arch is not None else c.gpu_arch
+    image, _ = image_for(c.image, gpu_arch)
     nproc = c.gpus_per_node
     max_nodes = c.max_nnodes or c.nnodes
     overlay = cfg.engine if kind == "pytorchjob" else "indexed-job"
@@ -134,8 +196,12 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
             {"op": "replace", "path": "/spec/elasticPolicy/maxRestarts", "value": c.max_restarts},
             {"op": "replace", "path": "/spec/pytorchReplicaSpecs/Worker/replicas", "value": c.nnodes},
             {"op": "replace", "path": f"{_container(prefix)}/ports", "value": _ports("pytorchjob-port", nproc)},
-            *_common_pod_patches(prefix, cfg, nproc),
+            *_common_pod_patches(prefix, cfg, nproc, rdma),
         ]
+        if gang is not None:
+            policy = {"minAvailable": c.nnodes, "scheduleTimeoutSeconds": gang.timeout_s}
+            policy.update({k: v for k, v in (("queue", gang.queue), ("priorityClass", gang.priority_class)) if v})
+            ops.append({"op": "replace", "path": "/spec/runPolicy/schedulingPolicy", "value": policy})
         patches.append({"target": {"group": "kubeflow.org", "version": "v1", "kind": "PyTorchJob", "name": base_name},
                         "patch": yaml.safe_dump(ops, sort_keys=False)})
     else:
@@ -153,7 +219,7 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
             {"op": "replace", "path": f"{prefix}/subdomain", "value": job_name},
             {"op": "replace", "path": f"{_container(prefix)}/args", "value": args},
             {"op": "replace", "path": f"{_container(prefix)}/ports", "value": _ports("rendezvous", nproc)},
-            *_common_pod_patches(prefix, cfg, nproc),
+            *_common_pod_patches(prefix, cfg, nproc, rdma),
         ]
         patches.append({"target": {"group": "batch", "version": "v1", "kind": "Job", "name": base_name},
                         "patch": yaml.safe_dump(ops, sort_keys=False)})
@@ -167,13 +233,49 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         "kind": "Kustomization",
         "namespace": c.namespace,
         "resources": [os.path.relpath(TRAINING_DIR / "overlays" / overlay, out)],
-        "images": [split_image(c.image)],
+        "images": [split_image(image)],
         "configMapGenerator": [{"name": "seresnet-train-config", "behavior": "replace",
                                 "files": ["config.yaml=train-config.yaml"]}],
         "patches": patches,
     }
+    components = [n for n, on in (("rdma", rdma), ("gang", gang)) if on is not None]
+    if components:
+        # Components in an inner kustomization: the outer one's generators (merge) and patches then see their
+        # objects (kustomize runs a kustomization's own generators before its components), and the inner
+        # namespace lets the component's ConfigMap reference be rewritten to its hashed name.
+        inner = out / "with-components"
+        inner.mkdir(exist_ok=True)
+        (inner / "kustomization.yaml").write_text("# Rendered by `python -m launch k8s`: the job with its components.\n" + yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": c.namespace,
+            "resources": [os.path.relpath(TRAINING_DIR / "overlays" / overlay, inner)],
+            "components": [os.path.relpath(COMPONENTS_DIR / n, inner) for n in components]}, sort_keys=False))
+        kustomization["resources"] = [inner.name]
+    if rdma is not None:
+        kustomization["configMapGenerator"].append({"name": "seresnet-nccl", "behavior": "merge", "literals": [
+            f"NCCL_IB_HCA={rdma.ib_hca}", f"NCCL_SOCKET_IFNAME={rdma.socket_ifname}"]})
     (out / "kustomization.yaml").write_text(
         f"# Rendered by `python -m launch k8s` ({kind}, engine={cfg.engine}, {c.nnodes}"
-        f"{'' if max_nodes == c.nnodes else f'..{max_nodes}'} node(s) x {nproc} GPU(s)).\n"
+        f"{'' if max_nodes == c.nnodes else f'..{max_nodes}'} node(s) x {nproc} GPU(s), image {image}"
+        f"{', ' + ' + '.join(components) if components else ''}).\n"
         f"# Apply: kubectl apply -k {out}\n" + yaml.dump(kustomization, Dumper=_BlockDumper, sort_keys=False, width=200))
     return out
+
+
+def add_arguments(k8s: argparse.ArgumentParser) -> None:
+    """The ``launch k8s`` options beyond the config file: GPU generation, RDMA and gang scheduling."""
+    k8s.add_argument("--gpu-arch", help="compute capability of the cluster's GPUs (7.0 V100, 8.0 A100, 9.0 H100; default "
+                                        "cluster.gpu_arch): picks the training image build (cu126 for Volta, cu130 for newer)")
+    k8s.add_argument("--rdma", action="store_true", help="NCCL over RDMA/InfiniBand between nodes: HCA resource, IPC_LOCK, NCCL_IB_HCA/NCCL_SOCKET_IFNAME")
+    k8s.add_argument("--rdma-resource", default=Rdma.resource, help=f"with --rdma: the HCA device-plugin resource (default {Rdma.resource})")
+    k8s.add_argument("--nccl-ib-hca", default=Rdma.ib_hca, help=f"with --rdma: NCCL_IB_HCA (default {Rdma.ib_hca})")
+    k8s.add_argument("--nccl-socket-ifname", default=Rdma.socket_ifname, help=f"with --rdma: NCCL_SOCKET_IFNAME (default {Rdma.socket_ifname})")
+    k8s.add_argument("--gang", action="store_true", help="gang scheduling: runPolicy.schedulingPolicy, minAvailable = cluster.nnodes (PyTorchJob)")
+    k8s.add_argument("--queue", help="with --gang: the scheduler queue (Volcano queue)")
+    k8s.add_argument("--priority-class", help="with --gang: the PodGroup's priority class")
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    """``render_training_job`` keyword arguments from the parsed ``add_arguments`` options."""
+    return {"gpu_arch": getattr(args, "gpu_arch", None),
+            "rdma": Rdma(args.rdma_resource, 1, args.nccl_ib_hca, args.nccl_socket_ifname) if getattr(args, "rdma", False) else None,
+            "gang": Gang(args.queue, args.priority_class) if getattr(args, "gang", False) else None}

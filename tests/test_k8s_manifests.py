@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from launch import validate as v
-from launch.torchrun import REPO_ROOT
+from launch.torchrun import REPO_ROOT, LaunchError
+from launch.k8s import Gang, Rdma, render_training_job
 from train.config import load_config
 
 PY = sys.executable
@@ -379,7 +380,8 @@ def test_launch_k8s_renders_the_job_from_the_training_config(tmp_path, kubectl, 
         job_label = "job-name"
     spec = tmpl["spec"]
     c = spec["containers"][0]
-    assert c["image"] == "registry.example.com/team/seresnet-train:2.3.1"
+    # No cluster.gpu_arch: the cu130 build (Turing .. Blackwell), named by the tag suffix from train/compat.yaml.
+    assert c["image"] == "registry.example.com/team/seresnet-train:2.3.1-cu130"
     assert c["resources"] == {"requests": {"cpu": "48", "memory": "300Gi", "nvidia.com/gpu": "4"},
                               "limits": {"memory": "300Gi", "nvidia.com/gpu": "4"}}
     vols = {vol["name"]: vol for vol in spec["volumes"]}
@@ -538,3 +540,48 @@ def test_two_rendered_jobs_in_one_namespace_do_not_collide(tmp_path, kubectl):
         names[job] = {(o["kind"], o["metadata"]["name"]) for o in v.kustomize_build(tmp_path / job, kubectl)}
     assert not names["exp-a"] & names["exp-b"], names
     assert ("PyTorchJob", "exp-a") in names["exp-a"] and ("PodMonitor", "exp-a") in names["exp-a"]
+
+
+def _render(tmp_path, kubectl, sets, **kw):
+    cfg = load_config(REPO_ROOT / "configs" / "imagenet.yaml", sets)
+    out = render_training_job(cfg, tmp_path / "job", **kw)
+    objs = v.kustomize_build(out, kubectl)
+    for obj in objs:
+        v.validate_object(obj)   # schedulingPolicy, envFrom, the rdma resource: all against the real schemas
+    return objs
+
+
+def test_volta_cluster_gets_the_cu126_image_and_rdma_gang_job_validates(tmp_path, kubectl):
+    objs = _render(tmp_path, kubectl, ["cluster.nnodes=4", "cluster.max_nnodes=6", "cluster.gpu_arch='7.0'"],
+                   rdma=Rdma("rdma/ib", 2, "mlx5_0,mlx5_1", "net1"), gang=Gang(queue="research"))
+    job = next(o for o in objs if o["kind"] == "PyTorchJob")
+    spec = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["image"] == "ghcr.io/seresnet-stack/train:0.1.0-cu126"
+    assert c["resources"]["requests"]["rdma/ib"] == c["resources"]["limits"]["rdma/ib"] == "2"
+    assert "rdma/hca_shared_devices_a" not in c["resources"]["limits"]
+    assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    assert assert_pods_secure(objs, RDMA_CAPS) == 1
+    cm_name = c["envFrom"][0]["configMapRef"]["name"]
+    nccl = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == cm_name)["data"]
+    assert nccl["NCCL_IB_HCA"] == "mlx5_0,mlx5_1" and nccl["NCCL_SOCKET_IFNAME"] == "net1" and nccl["NCCL_IB_DISABLE"] == "0"
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4, "scheduleTimeoutSeconds": 600, "queue": "research"}
+    # The same job without the options: no capability added back, no RDMA, no gang policy; H100 -> cu130.
+    plain = next(o for o in _render(tmp_path, kubectl, ["cluster.gpu_arch='9.0'"]) if o["kind"] == "PyTorchJob")
+    c = plain["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert c["image"].endswith(":0.1.0-cu130") and "envFrom" not in c and "add" not in c["securityContext"]["capabilities"]
+    assert "schedulingPolicy" not in plain["spec"]["runPolicy"]
+
+
+def test_rdma_on_an_indexed_job_and_clear_errors(tmp_path, kubectl):
+    objs = _render(tmp_path, kubectl, ["cluster.nnodes=2"], kind="indexed-job", rdma=Rdma())
+    c = next(o for o in objs if o["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["rdma/hca_shared_devices_a"] == "1" and c["envFrom"]
+    cfg = load_config(REPO_ROOT / "configs" / "imagenet.yaml", [])
+    with pytest.raises(LaunchError, match="Indexed Job use Kueue"):
+        render_training_job(cfg, tmp_path / "x", kind="indexed-job", gang=Gang())
+    with pytest.raises(LaunchError, match="No training image serves GPU compute capability 6.0"):
+        render_training_job(cfg, tmp_path / "x", gpu_arch="6.0")
+    with pytest.raises(LaunchError, match="needs the cu126 build"):
+        render_training_job(load_config(REPO_ROOT / "configs" / "imagenet.yaml", ["cluster.image=r.io/t:1-cu130"]),
+                            tmp_path / "x", gpu_arch="7.0")
