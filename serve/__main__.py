@@ -1,4 +1,4 @@
-"""`python -m serve`: export, quantize, trt, repository, up, classify. User errors end in one sentence and exit code 2."""
+"""`python -m serve`: export, quantize, trt, repository, up, classify, evaluate. User errors end in one sentence and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -17,26 +17,27 @@ def _export(a) -> int:
     p = r["parity"]
     print(f"[export] {r['onnx']} ({r['onnx_bytes'] / 1e6:.1f} MB, opset {r['opset']}); parity on {p['images']} images: "
           f"max |ONNX - PyTorch| {p['max_abs_diff']:.2e} (tolerance {p['atol']:.0e}), top-1 agreement {p['top1_agreement']:.3f}")
-    if a.int8:
-        _quant_print(_quantize_run(a.checkpoint, Path(a.out) / "model.onnx", Path(a.out) / "model.int8.onnx", a.val_images, a.max_drift))
     return 0
 
 
-def _quantize_run(ckpt, onnx, out, val, max_drift):
-    from serve.export import quantize_linear_int8
-
-    return quantize_linear_int8(onnx, out, ckpt, val_images=val or None, max_drift=max_drift)
-
-
-def _quant_print(q: dict) -> None:
-    print(f"[quantize] {q['onnx_int8']}: {q['int8_bytes'] / 1e6:.1f} MB vs {q['fp32_bytes'] / 1e6:.1f} MB; latency b1 "
-          f"{q['int8_latency_ms_b1']:.1f} vs {q['fp32_latency_ms_b1']:.1f} ms, b8 {q['int8_latency_ms_b8']:.1f} vs "
-          f"{q['fp32_latency_ms_b8']:.1f} ms; top-1 drift {q['top1_drift']:.1%} on {q['images']} images (bound {q['max_drift']:.1%})")
-
-
 def _quantize(a) -> int:
-    out = a.out or str(Path(a.onnx).with_name(Path(a.onnx).stem + ".int8.onnx"))
-    _quant_print(_quantize_run(a.checkpoint, a.onnx, out, a.val_images, a.max_drift))
+    """Static QDQ int8 of an export folder's model.onnx into model.int8.onnx (serve/quantize.py), calibrated on real images."""
+    from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX
+    from serve.export import read_export
+    from serve.samples import find_images
+
+    spec = read_export(a.export)
+    images = find_images(a.calib_images)
+    if not images:
+        raise ServeError("no calibration images found; pass training images (files or folders) with --calib-images.")
+    try:
+        from serve.quantize import quantize_int8
+    except ImportError as err:
+        raise ServeError(f"int8 quantization is not available here ({err}); install the 'export' extra.") from None
+    report = quantize_int8(Path(a.export) / EXPORT_ONNX, Path(a.export) / EXPORT_INT8_ONNX, images, spec["eval"], n=a.n)
+    shown = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    print(f"[quantize] {Path(a.export) / EXPORT_INT8_ONNX}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    print(f"[quantize] serve it with: python -m serve repository --export {a.export} --target int8 --out DIR")
     return 0
 
 
@@ -60,10 +61,12 @@ def _trt(a) -> int:
 def _repository(a) -> int:
     from serve.repository import write_model_repository
 
-    out = write_model_repository(a.checkpoint, a.out, a.target, onnx_path=a.onnx, plan=a.plan, plan_cc=a.plan_cc,
-                                 ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads)
+    if bool(a.export) == bool(a.checkpoint):
+        raise ServeError("pass exactly one of --export (a folder from 'python -m serve export') or --checkpoint.")
+    out = write_model_repository(a.export or a.checkpoint, a.out, a.target, precision=a.precision, onnx_path=a.onnx,
+                                 plan=a.plan, plan_cc=a.plan_cc, ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads)
     meta = json.loads((out / "repository.json").read_text())
-    print(f"[repository] {out} (target {a.target}): models {', '.join(meta['models'])}; "
+    print(f"[repository] {out} (target {meta['target']}, {meta['precision']}): models {', '.join(meta['models'])}; "
           f"serve it with: python -m serve up --repository {a.out}")
     return 0
 
@@ -95,6 +98,15 @@ def _classify(a) -> int:
     return 1 if failed else 0
 
 
+def _evaluate(a) -> int:
+    from serve.evaluate import evaluate_folder, format_report
+
+    r = evaluate_folder(a.url, a.folder, a.protocol, a.out, model=a.model, concurrency=a.concurrency,
+                        progress=not a.no_progress, max_attempts=a.max_attempts)
+    print(format_report(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description="Serve SE-ResNet50: export to "
                                 "ONNX/TensorRT, write a Triton model repository, run a local tritonserver, classify images.")
@@ -102,20 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="ONNX (opset 17, dynamic batch) + onnx.checker + parity against PyTorch on real images.")
     e.add_argument("--checkpoint", required=True, help="a seresnet-stack checkpoint (e.g. runs/demo/checkpoints/best.pt)")
-    e.add_argument("--out", required=True, help="folder for model.onnx, labels.txt and export_report.json")
+    e.add_argument("--out", required=True, help="export folder: model.onnx, labels.txt, serving_spec.json, export_report.json")
     e.add_argument("--images", nargs="*", default=[], help="parity images (files or folders; default: scikit-image sample photos)")
     e.add_argument("--atol", type=float, default=1e-4, help="largest |ONNX - PyTorch| probability difference accepted (default 1e-4)")
-    e.add_argument("--int8", action="store_true", help="also write model.int8.onnx (int8 MatMul/Gemm only) and report drift")
-    e.add_argument("--val-images", nargs="*", default=[], help="validation split for the int8 drift report (default: sample photos)")
-    e.add_argument("--max-drift", type=float, default=0.05, help="largest fraction of top-1 changes int8 may cause (default 0.05)")
     e.set_defaults(func=_export)
 
-    q = sub.add_parser("quantize", help="Dynamic int8 of the Linear/Gemm layers with ONNX Runtime; size, latency, top-1 drift.")
-    q.add_argument("--onnx", required=True, help="fp32 model.onnx from 'export'")
-    q.add_argument("--checkpoint", required=True, help="the checkpoint it came from (for the eval transform)")
-    q.add_argument("--out", help="output path (default: <onnx stem>.int8.onnx next to it)")
-    q.add_argument("--val-images", nargs="*", default=[], help="validation split files/folders (default: sample photos)")
-    q.add_argument("--max-drift", type=float, default=0.05, help="largest fraction of top-1 changes accepted (default 0.05)")
+    q = sub.add_parser("quantize", help="Static int8 (QDQ) of an export folder's model.onnx, calibrated on real images -> model.int8.onnx.")
+    q.add_argument("--export", required=True, help="export folder from 'export' (model.onnx, serving_spec.json)")
+    q.add_argument("--calib-images", nargs="+", required=True, help="calibration images: training files or folders")
+    q.add_argument("--n", type=int, default=256, help="calibration images used (default 256)")
     q.set_defaults(func=_quantize)
 
     t = sub.add_parser("trt", help="Build a TensorRT plan named for this GPU's compute capability (needs tensorrt and a GPU); prints the trtexec equivalent.")
@@ -134,12 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-only", action="store_true", help="only print the trtexec command")
     t.set_defaults(func=_trt)
 
-    r = sub.add_parser("repository", help="Write a Triton model repository: se_resnet50, preprocess, the classify ensemble.")
-    r.add_argument("--checkpoint", required=True, help="a seresnet-stack checkpoint")
-    r.add_argument("--out", required=True, help="repository folder to write (e.g. runs/model_repository)")
-    r.add_argument("--target", choices=["cpu", "onnx", "tensorrt"], default="cpu",
-                   help="cpu: python backend + ONNX Runtime (local tritonserver); onnx: onnxruntime_onnx; tensorrt: tensorrt_plan (default cpu)")
-    r.add_argument("--onnx", help="reuse this model.onnx instead of exporting again")
+    r = sub.add_parser("repository", help="Write a self-contained Triton model repository: se_resnet50, preprocess, the classify ensemble.")
+    r.add_argument("--export", help="an export folder from 'export' (model.onnx [+ model.int8.onnx], serving_spec.json, labels.txt)")
+    r.add_argument("--checkpoint", help="convenience: a seresnet-stack checkpoint, exported first (with the parity check)")
+    r.add_argument("--out", required=True, help="new, empty, or earlier-written repository folder (e.g. runs/model_repository)")
+    r.add_argument("--target", choices=["cpu", "onnx", "tensorrt", "int8"], default="cpu",
+                   help="cpu: python backend + ONNX Runtime (local tritonserver); onnx: onnxruntime_onnx; tensorrt: tensorrt_plan; "
+                        "int8: cpu serving model.int8.onnx (default cpu)")
+    r.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="int8: serve the export folder's model.int8.onnx through the target's route (default fp32)")
+    r.add_argument("--onnx", help="serve this ONNX file instead of the export folder's")
     r.add_argument("--plan", help="tensorrt: copy this plan (from 'trt') into the repository")
     r.add_argument("--plan-cc", help="tensorrt: compute capability the plan was built for, e.g. 8.0")
     r.add_argument("--ort-tensorrt", action="store_true", help="onnx: enable ONNX Runtime's TensorRT accelerator with an engine cache")
@@ -165,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="also write the results to this JSON file")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_classify)
+    v = sub.add_parser("evaluate", help="Score a labelled <class>/<image> folder through a running server: top-1/top-5, per-class recall, latency percentiles, report.json + confusion PNG.")
+    v.add_argument("folder", metavar="FOLDER", help="ImageFolder-style folder: <class>/<image> (class folders named as the model's labels)")
+    v.add_argument("--url", default="127.0.0.1:8001", help="server HOST:PORT (default 127.0.0.1:8001, the gRPC port)")
+    v.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    v.add_argument("--out", help="folder for report.json, confusion.json and confusion.png")
+    v.add_argument("--model", default="classify", help="model to ask (default: the classify ensemble)")
+    v.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    v.add_argument("--max-attempts", type=int, default=6, help="attempts per image on transient errors (default 6)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=_evaluate)
     return p
 
 

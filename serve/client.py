@@ -103,6 +103,40 @@ class TritonClassifier:
             self._local.client = c
         return c
 
+    def check(self, k: int = 5, input_name: str = INPUT) -> int:
+        """Before any image is sent: the server answers (with the retry policy), the model is ready, takes encoded
+        bytes (a UINT8 ``input_name``) and answers ``OUTPUT``, and 1 <= k <= its classes. Returns the class count;
+        every problem is one ServeError sentence."""
+        from tritonclient.utils import InferenceServerException
+
+        c = self._client()
+        try:
+            for attempt in retrying(self.max_attempts, self.max_retry_seconds):
+                with attempt:
+                    if not c.is_server_live():
+                        raise ConnectionError("server not live")
+        except Exception as err:  # noqa: BLE001 - the final error of the retry policy
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ServeError(f"cannot reach a Triton server at {self.url} over {self.protocol} ({first}); start one with "
+                             "'python -m serve up' or fix --url/--protocol.") from None
+        try:
+            ready = c.is_model_ready(self.model)
+            meta = c.get_model_metadata(self.model, **({"as_json": True} if self.protocol == "grpc" else {})) if ready else None
+        except InferenceServerException:
+            ready, meta = False, None
+        if not ready:
+            raise ServeError(f"model '{self.model}' is not ready on {self.url}; pass --model with a served model (default '{ENSEMBLE}').")
+        inputs = {i["name"]: i for i in meta.get("inputs", [])}
+        outputs = {o["name"]: o for o in meta.get("outputs", [])}
+        if inputs.get(input_name, {}).get("datatype") != "UINT8" or OUTPUT not in outputs:
+            got = ", ".join(f"{n} {i.get('datatype')}" for n, i in inputs.items())
+            raise ServeError(f"model '{self.model}' takes {got}, not encoded images ({input_name} UINT8) with a '{OUTPUT}' "
+                             f"output; pass --model {ENSEMBLE}.")
+        n = int(outputs[OUTPUT]["shape"][-1])
+        if not 1 <= k <= n:
+            raise ServeError(f"-k {k} is out of range: model '{self.model}' has {n} classes; pass -k between 1 and {n}.")
+        return n
+
     def infer_array(self, array: np.ndarray, input_name: str = INPUT, k: int = 5) -> list[list[Prediction]]:
         """One request with a batched input array; returns top-k per batch row. Retries transient failures."""
         dtype = {np.uint8: "UINT8", np.float32: "FP32"}.get(array.dtype.type)
@@ -136,14 +170,18 @@ class TritonClassifier:
 
 def classify_files(paths: Iterable[str | Path], url: str, protocol: str = "grpc", k: int = 5, model: str = ENSEMBLE,
                    concurrency: int = 8, progress: bool = False, max_attempts: int = 6,
-                   max_retry_seconds: float = 60.0) -> list[FileResult]:
-    """Classify image files concurrently; results in input order, each with top-k, latency and any final error."""
+                   max_retry_seconds: float = 60.0, check: bool = True) -> list[FileResult]:
+    """Classify image files concurrently; results in input order, each with top-k, latency and any final error.
+
+    With ``check`` (default) the server, ``model`` and ``k`` are validated first (TritonClassifier.check)."""
     from serve.samples import find_images
 
     files = find_images(paths)
     if not files:
         raise ServeError("no image files found; pass JPEG/PNG files or folders of them.")
     clf = TritonClassifier(url, protocol, model, max_attempts=max_attempts, max_retry_seconds=max_retry_seconds)
+    if check:
+        clf.check(k)
     bar = None
     if progress:
         from tqdm import tqdm

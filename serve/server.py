@@ -78,10 +78,14 @@ def make_backend_dir(root: Path) -> Path:
     return root / "backends"
 
 
-def server_env() -> dict:
+def server_env(stub_python_bin: Optional[str | Path] = None) -> dict:
+    """The server's environment. The python stub embeds an interpreter that looks up `python3` on PATH and takes the
+    prefix (and a venv's site-packages, via pyvenv.cfg) from it: the first `bin` on PATH is the stub's environment.
+    Default: this venv (torch, onnxruntime, numpy<2); ``stub_python_bin`` puts another environment's bin first."""
     env = dict(os.environ)
-    # The stub runs an isolated interpreter: it finds this venv's site-packages (torch, numpy<2) through PATH.
-    env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(stub_python_bin or Path(sys.prefix) / 'bin')}{os.pathsep}{env.get('PATH', '')}"
+    if stub_python_bin:
+        env.pop("PYTHONPATH", None)  # nothing of the caller's path leaks into the other environment
     env["LD_LIBRARY_PATH"] = f"{triton_libs()}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}".rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -96,7 +100,8 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                  ready_timeout: float = 180.0, log_path: Optional[str | Path] = None, log_verbose: int = 0,
-                 extra_args: Sequence[str] = (), echo: bool = False):
+                 extra_args: Sequence[str] = (), echo: bool = False, stub_python_bin: Optional[str | Path] = None,
+                 cwd: Optional[str | Path] = None):
         self.repository = check_repository(repository).resolve()
         for port, what in ((http_port, "http"), (grpc_port, "grpc"), (metrics_port, "metrics")):
             if port:
@@ -108,6 +113,7 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
         self.echo = echo
+        self.stub_python_bin, self.cwd = stub_python_bin, cwd
         self._tmp = tempfile.TemporaryDirectory(prefix="seresnet-triton-")
         self.log_path = Path(log_path) if log_path else Path(self._tmp.name) / "tritonserver.log"
         self.proc: Optional[subprocess.Popen] = None
@@ -148,7 +154,8 @@ class TritonServer:
             raise ServeError(f"tritonserver not found at '{binary}'; run scripts/setup_env.sh (make venv) to unpack it.")
         make_backend_dir(Path(self._tmp.name))
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=server_env(),
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=server_env(self.stub_python_bin), cwd=self.cwd,
                                      text=True, errors="replace", start_new_session=True)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
