@@ -24,9 +24,12 @@ def train_images() -> dict[str, dict]:
 def image_for_arch(arch: str) -> tuple[str, dict]:
     """The training image (name, row) whose torch build serves compute capability ``arch`` ("7.0", "9.0")."""
     major, minor = (int(x) for x in arch.split("."))
+    best = None   # the row whose closest arch (same major, minor <= the device's) is highest: 7.5 -> cu130, not Volta
     for name, row in train_images().items():
         for a in row["archs"]:
             amaj, amin = (int(x) for x in a.split("."))
-            if amaj == major and amin <= minor:
-                return name, row
-    raise KeyError(arch)
+            if amaj == major and amin <= minor and (best is None or amin > best[0]):
+                best = (amin, name, row)
+    if best is None:
+        raise KeyError(arch)
+    return best[1], best[2]

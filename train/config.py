@@ -40,6 +40,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _resize_covers_crop(self):
+        if min(self.std) <= 0:
+            raise ValueError(f"data.std must be > 0 in every channel (got {list(self.std)}): normalisation divides by it")
         if self.eval_resize < self.image_size:
             raise ValueError(f"data.eval_resize ({self.eval_resize}) must be >= data.image_size ({self.image_size})")
         return self
@@ -65,6 +67,9 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay (not applied to norms and biases).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        "linear", description="How the peak lr follows the global batch (ranks x data.batch_size) relative to reference_batch; applied when an elastic job changes size.")
+    reference_batch: int = Field(0, ge=0, description="Global batch that optim.lr is meant for (0 = the first attempt's global batch).")
 
 
 class ScheduleConfig(_Section):
@@ -76,9 +81,23 @@ class ScheduleConfig(_Section):
     eta_min: float = Field(1e-6, ge=0, description="Minimum learning rate.")
 
 
+# DeepSpeed JSON keys the trainer derives from this config (train/backends.py); deepspeed.extra may not set them.
+DEEPSPEED_DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                          "zero_optimization", "zero_allow_untested_optimizer", "torch_autocast", "bf16", "fp16",
+                          "optimizer", "scheduler")
+
+
 class DeepSpeedConfig(_Section):
-    zero_stage: int = Field(1, ge=0, le=3, description="ZeRO stage.")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed JSON config.")
+    zero_stage: int = Field(1, ge=0, le=3, description="ZeRO stage (0-2; 3 is refused: it would leave best.pt empty).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed JSON config (keys the trainer derives are refused).")
+
+    @model_validator(mode="after")
+    def _extra_does_not_override(self):
+        clash = sorted(set(self.extra) & set(DEEPSPEED_DERIVED_KEYS))
+        if clash:
+            raise ValueError(f"deepspeed.extra may not set {', '.join(clash)}: the trainer derives them from data.batch_size, "
+                             f"deepspeed.zero_stage, train.precision, optim.* and schedule.*; set those keys instead")
+        return self
 
 
 class TrainConfig(_Section):
@@ -132,6 +151,13 @@ class ServeConfig(_Section):
     preprocess_instances: int = Field(2, ge=1, description="Instances of the python `preprocess` model (decode + eval transform run one request batch at a time per instance; 2 lets decoding use two CPU cores).")
     max_image_bytes: int = Field(20_000_000, ge=1, description="preprocess: largest encoded image accepted.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="preprocess: largest decoded width*height accepted (decompression-bomb guard).")
+
+    @model_validator(mode="after")
+    def _preferred_fit(self):
+        bad = [b for b in self.preferred_batch_sizes if b < 1 or b > self.max_batch_size]
+        if bad:
+            raise ValueError(f"serve.preferred_batch_sizes {bad} must be between 1 and serve.max_batch_size ({self.max_batch_size})")
+        return self
 
 
 class Config(_Section):

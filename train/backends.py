@@ -1,0 +1,207 @@
+"""One backend object per engine (DDP, DeepSpeed): wrap the model, run a step under the right precision, set the lr,
+save and load training state, and give the weights for export. The training loop never asks which engine it has
+(DLE's Executor/Trainer split; timm's NativeScaler hides AMP the same way)."""
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from train.checkpoint import CheckpointError, CheckpointManager, safe_load
+from train.config import Config
+from train.distributed import DistInfo, decide_on_main
+from train.optim import apply_hyperparameters, set_lr
+
+log = logging.getLogger(__name__)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def float_state(module: nn.Module) -> dict:
+    """Full fp32 weights on the CPU, for checkpoints that export and serve."""
+    return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+            for k, v in module.state_dict().items()}
+
+
+class DDPBackend:
+    """torch DDP (or one process): native autocast, GradScaler for fp16, optional fp16/bf16 gradient compression."""
+
+    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, dinfo: DistInfo, precision: str):
+        self.cfg, self.dinfo, self.module, self.optimizer = cfg, dinfo, model, optimizer
+        self.autocast = autocast_for(precision, dinfo.device)
+        self.scaler = torch.amp.GradScaler(dinfo.device.type) if precision == "fp16" else None
+        self.wrap()
+
+    def wrap(self) -> None:
+        """(Re)build the DDP wrapper: DDP fixes its gradient buckets at construction (call again after unfreezing)."""
+        d = self.dinfo
+        if d.world == 1:
+            self.engine = self.module
+            return
+        self.engine = nn.parallel.DistributedDataParallel(
+            self.module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
+        hook = self.cfg.train.grad_compression
+        if hook != "none":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            self.engine.register_comm_hook(None, default_hooks.fp16_compress_hook if hook == "fp16"
+                                           else default_hooks.bf16_compress_hook)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.engine(images)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, ckpt: CheckpointManager, out: Path, meta: dict, extra: dict, step: int, is_best: bool) -> None:
+        if self.dinfo.is_main:
+            ckpt.save({**meta, **extra, "optimizer": self.optimizer.state_dict(),
+                       "scaler": self.scaler.state_dict() if self.scaler else None}, step, is_best=is_best)
+
+    def resume(self, ckpt: CheckpointManager, out: Path) -> Optional[tuple[dict, str]]:
+        def latest() -> Optional[str]:
+            found = ckpt.load_latest()
+            if found is None:
+                if ckpt.step_files() or ckpt.last.exists():
+                    log.warning("no checkpoint in %s verifies; starting over", ckpt.dir)
+                return None
+            state, path = found
+            if "optimizer" not in state:
+                log.warning("%s holds weights only (no optimizer state); starting over", path)
+                return None
+            return str(path)
+
+        path = decide_on_main(self.dinfo, latest)
+        if path is None:
+            return None
+        state = safe_load(path)
+        return state, path
+
+    def load(self, state: dict) -> None:
+        self.module.load_state_dict(state.get("train_model", state["model"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        apply_hyperparameters(self.optimizer, self.cfg)
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DeepSpeedBackend:
+    """DeepSpeed under torchrun. Mixed precision through DeepSpeed's ``torch_autocast``: parameters, BatchNorm running
+    statistics and the optimizer stay fp32 and autocast runs convolutions in bf16/fp16 (DeepSpeed's bf16/fp16 modes
+    cast the whole module, BN buffers included). Our own optimizer is passed in; optimizers outside DeepSpeed's tested
+    list (SGD) need ``zero_allow_untested_optimizer`` at ZeRO >= 1 (deepspeed/runtime/engine.py,
+    _do_optimizer_sanity_check). channels_last: the parameters stay contiguous (DeepSpeed's start-up broadcast views
+    them as flat bytes), the inputs are channels_last, and cuDNN/oneDNN pick the channels_last kernels when either the
+    input or the weight is (ATen ConvUtils: cudnn_conv_suggest_memory_format)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, dinfo: DistInfo, precision: str):
+        import deepspeed
+
+        self.cfg, self.dinfo, self.module = cfg, dinfo, model
+        ours = {
+            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "torch_autocast": {"enabled": precision in ("bf16", "fp16"),
+                               "dtype": "bfloat16" if precision == "bf16" else "float16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        # config.py refuses deepspeed.extra keys that would override these (DEEPSPEED_DERIVED_KEYS)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config={**ours, **cfg.deepspeed.extra})
+        # DeepSpeed's default checkpoint engine unpickles with weights_only=False; ours never unpickles code.
+        self.engine.checkpoint_engine.load = _deepspeed_safe_load
+
+    def wrap(self) -> None:  # ZeRO fixes the trainable set at start (hardware.decide refuses unfreezing)
+        pass
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.engine(images)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def skip_step(self) -> None:
+        self.engine.zero_grad()
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, ckpt: CheckpointManager, out: Path, meta: dict, extra: dict, step: int, is_best: bool) -> None:
+        ds_dir = out / "checkpoints" / "deepspeed"
+        client = {**meta, **{k: v for k, v in extra.items() if k not in ("model", "train_model")}}
+        if "train_model" in extra:  # EMA on: DeepSpeed holds the raw weights, ``model`` the averaged ones
+            client["ema_model"] = extra["model"]
+        self.engine.save_checkpoint(str(ds_dir), tag=f"step-{step:08d}", client_state=client)
+        if self.dinfo.is_main:
+            tags = sorted(p for p in ds_dir.glob("step-*") if p.is_dir())
+            for old in tags[: -self.cfg.train.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            ckpt.save({**meta, "model": extra["model"]}, step, is_best=is_best)   # weights only, for export
+
+    def resume(self, ckpt: CheckpointManager, out: Path) -> Optional[tuple[dict, str]]:
+        ds_dir = out / "checkpoints" / "deepspeed"
+        if not decide_on_main(self.dinfo, lambda: (ds_dir / "latest").exists()):
+            return None
+        path, client = self.engine.load_checkpoint(str(ds_dir))
+        if path is None:
+            raise CheckpointError(f"DeepSpeed checkpoint in '{ds_dir}' could not be loaded; delete it or set train.resume=false.")
+        apply_hyperparameters(self.optimizer, self.cfg)
+        if "ema_model" in client:
+            client["model"] = client["ema_model"]
+        return client, path
+
+    def load(self, state: dict) -> None:  # load_checkpoint already restored model, optimizer and loss scaler
+        pass
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few plain DeepSpeed classes its own ZeRO optimizer states pickle (data only; no code runs on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _deepspeed_safe_load(path, map_location=None):
+    """DeepSpeed's checkpoint_engine.load with weights_only=True, allowing only the DeepSpeed classes listed above."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def build_backend(cfg: Config, model: nn.Module, optimizer, dinfo: DistInfo, precision: str):
+    return (DeepSpeedBackend if cfg.engine == "deepspeed" else DDPBackend)(cfg, model, optimizer, dinfo, precision)
