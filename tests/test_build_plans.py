@@ -1,0 +1,272 @@
+"""The plan-building init container (k8s/serving/base/build-plans.sh) run for real by /bin/sh against a fake
+nvidia-smi and a fake trtexec (a script that builds slowly, fails, writes a truncated plan, or caps the profile
+below the config's max batch, and whose --loadEngine refuses a batch the plan does not cover): profile from
+config.pbtxt, one build for several concurrent pods on one cache, checksummed cache entries, the max-batch check
+before the swap, the failure policy, and the rendered recipe identical to serve/tensorrt.py's."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serve import tensorrt as trt_recipe
+from serve.contract import CLASSIFIER, INPUT_NAME, plan_filename
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "k8s" / "serving" / "base" / "build-plans.sh"
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+case "$*" in
+  *name,compute_cap*) echo "NVIDIA H100 80GB HBM3, 9.0";;
+  *compute_cap*) echo "9.0";;
+  *) echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)";;
+esac
+"""
+# A plan is "PLAN max=<batch> ... END"; --loadEngine fails on a truncated plan or a batch above max.
+FAKE_TRTEXEC = r"""#!/bin/sh
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v${FAKE_TRT_VERSION:-100500}] # trtexec $*"
+out=""; max=""; load=""; shapes=""
+for a in "$@"; do case "$a" in
+  --saveEngine=*) out=${a#--saveEngine=};;
+  --maxShapes=*) max=${a#*:}; max=${max%%x*};;
+  --loadEngine=*) load=${a#--loadEngine=};;
+  --shapes=*) shapes=${a#*:}; shapes=${shapes%%x*};;
+esac; done
+[ "$1" = "--help" ] && exit 0
+if [ -n "$load" ]; then
+  echo "load $*" >> "$TRTEXEC_CALLS"
+  tail -c 3 "$load" | grep -q END || { echo "[E] Error: engine deserialization failed"; exit 1; }
+  pmax=$(sed -n 's/^PLAN max=\([0-9]*\).*/\1/p' "$load")
+  [ "$shapes" -le "$pmax" ] || { echo "[E] Error: batch $shapes exceeds the profile max $pmax"; exit 1; }
+  exit 0
+fi
+echo "build $*" >> "$TRTEXEC_CALLS"
+[ -n "${FAKE_TRTEXEC_CAP:-}" ] && [ "$max" -gt "$FAKE_TRTEXEC_CAP" ] && max=$FAKE_TRTEXEC_CAP
+case "${FAKE_TRTEXEC_MODE:-ok}" in
+  fail) echo "[E] Error: parsing failed"; exit 1;;
+  truncate) printf 'PLAN max=%s half-written' "$max" > "$out"; exit 0;;
+  slow) printf 'PLAN max=%s ' "$max" > "$out"; sleep "${FAKE_TRTEXEC_SLEEP:-2}";;
+esac
+printf 'PLAN max=%s payload END' "$max" >> "$out"
+"""
+CONFIG = """name: "se_resnet50"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+input {
+  name: "input"
+  data_type: TYPE_FP32
+  dims: 3
+  dims: 32
+  dims: 32
+}
+output {
+  name: "probabilities"
+  data_type: TYPE_FP32
+  dims: 10
+}
+default_model_filename: "model.onnx"
+dynamic_batching {
+  preferred_batch_size: 16
+  preferred_batch_size: 32
+  preferred_batch_size: 64
+  max_queue_delay_microseconds: 500
+}
+"""
+
+
+def _exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture()
+def plans(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _exe(bin_dir / "nvidia-smi", FAKE_NVIDIA_SMI)
+    _exe(bin_dir / "trtexec", FAKE_TRTEXEC)
+    src = tmp_path / "models"
+    (src / CLASSIFIER / "1").mkdir(parents=True)
+    (src / CLASSIFIER / "1" / "model.onnx").write_bytes(b"onnx-bytes")
+    (src / CLASSIFIER / "config.pbtxt").write_text(CONFIG)
+    (src / "preprocess" / "1").mkdir(parents=True)
+    (src / "preprocess" / "1" / "model.py").write_text("# python model\n")
+    calls = tmp_path / "calls.txt"
+    calls.touch()
+    counter = iter(range(1000))
+
+    def env(**extra):
+        n = next(counter)
+        dst = tmp_path / f"repo-{n}"
+        dst.mkdir()
+        e = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SRC_REPOSITORY": str(src), "DST_REPOSITORY": str(dst),
+             "PLAN_CACHE": str(tmp_path / "cache"), "PLAN_MODELS": CLASSIFIER, "TRTEXEC_CALLS": str(calls),
+             "PLAN_TERMINATION_LOG": str(tmp_path / f"termination-{n}.log"), "PLAN_FAILURE_POLICY": "fallback",
+             "HOSTNAME": f"pod-{n}"}
+        e.update({k: str(v) for k, v in extra.items()})
+        return e, dst
+
+    def run(e, timeout=60):
+        return subprocess.run(["/bin/sh", str(SCRIPT)], env=e, capture_output=True, text=True, timeout=timeout)
+
+    def builds():
+        return [line for line in calls.read_text().splitlines() if line.startswith("build ")]
+
+    return type("Plans", (), {"env": staticmethod(env), "run": staticmethod(run), "builds": staticmethod(builds),
+                              "cache": tmp_path / "cache", "tmp": tmp_path, "calls": calls})
+
+
+def _served(dst: Path) -> dict:
+    d = dst / CLASSIFIER
+    return {"plan": (d / "1" / plan_filename("9.0")).exists(), "onnx": (d / "1" / "model.onnx").exists(),
+            "config": (d / "config.pbtxt").read_text(), "status": json.loads((dst / "plan-status.json").read_text())}
+
+
+def test_rendered_block_is_the_package_recipe():
+    r = subprocess.run([sys.executable, "-m", "serve.tensorrt", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert trt_recipe.rendered_block() in SCRIPT.read_text()
+    assert trt_recipe.init_container_script() == SCRIPT.read_text()
+    # A hand edit of the block is caught.
+    edited = SCRIPT.read_text().replace('"--warmUp=0"', '"--warmUp=10"')
+    assert trt_recipe.script_with_block(edited) != edited
+
+
+def test_profile_and_argv_come_from_the_config_and_match_python(plans):
+    e, dst = plans.env()
+    r = plans.run(e)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (build,) = plans.builds()
+    mn, opt, mx = trt_recipe.plan_profile(64, [16, 32, 64])
+    assert (mn, opt, mx) == (1, 64, 64)
+    argv = shlex.split(build)[1:]
+    tmp_plan = next(a.split("=", 1)[1] for a in argv if a.startswith("--saveEngine="))
+    onnx = str(dst / CLASSIFIER / "1" / "model.onnx")
+    assert argv == trt_recipe.trtexec_command(onnx, tmp_plan, "fp16", mn, opt, mx, 32)[1:]
+    load = [line for line in plans.calls.read_text().splitlines() if line.startswith("load ")]
+    assert load and f"--shapes={INPUT_NAME}:64x3x32x32" in load[0]
+    s = _served(dst)
+    assert s["plan"] and not s["onnx"]
+    assert 'platform: "tensorrt_plan"' in s["config"] and f'default_model_filename: "{plan_filename("9.0")}"' in s["config"]
+    assert "model.onnx" not in s["config"] and s["status"]["models"][CLASSIFIER]["backend"] == "tensorrt_plan"
+    assert (dst / "preprocess" / "1" / "model.py").exists()
+    # Profile rule: the largest preferred size that fits, else max.
+    assert trt_recipe.plan_profile(64, [8, 16]) == (1, 16, 64) and trt_recipe.plan_profile(8, [16]) == (1, 8, 8)
+    out = subprocess.run(["/bin/sh", "-c", f'{trt_recipe.rendered_block()}\nplan_profile 64 8 16; plan_profile 8 16; plan_file 10.0'],
+                         capture_output=True, text=True).stdout.split("\n")
+    assert out[:3] == ["1 16 64", "1 8 8", plan_filename("10.0")]
+
+
+def test_concurrent_pods_build_once_and_never_cache_a_truncated_plan(plans):
+    runs = [plans.env(FAKE_TRTEXEC_MODE="slow", FAKE_TRTEXEC_SLEEP=2) for _ in range(4)]
+    procs = [subprocess.Popen(["/bin/sh", str(SCRIPT)], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for e, _ in runs]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len(plans.builds()) == 1, outs
+    assert sum("waiting" in o for o in outs) >= 1
+    plans_cached = list(plans.cache.rglob("*.plan"))
+    assert len(plans_cached) == 1 and not [p for p in plans.cache.rglob("*") if ".tmp." in p.name or p.name.endswith(".lock")]
+    body = plans_cached[0].read_bytes()
+    assert body.endswith(b"END") and Path(str(plans_cached[0]) + ".sha256").read_text().strip()
+    for _, dst in runs:
+        assert (dst / CLASSIFIER / "1" / plan_filename("9.0")).read_bytes() == body
+
+    # A truncated cache entry (checksum mismatch) is rebuilt, not served.
+    plans_cached[0].write_bytes(body[:10])
+    e, dst = plans.env()
+    r = plans.run(e)
+    assert r.returncode == 0 and "does not match its sha256" in r.stdout, r.stdout
+    assert len(plans.builds()) == 2 and (dst / CLASSIFIER / "1" / plan_filename("9.0")).read_bytes().endswith(b"END")
+
+
+def test_truncated_or_failed_builds_are_refused_and_never_cached(plans):
+    for mode, why in (("truncate", "does not load and run at max batch"), ("fail", "trtexec failed")):
+        e, dst = plans.env(FAKE_TRTEXEC_MODE=mode)
+        r = plans.run(e)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"PLAN BUILD FAILED for {CLASSIFIER}" in r.stdout and why in r.stdout
+        s = _served(dst)
+        assert s["onnx"] and not s["plan"] and 'platform: "onnxruntime_onnx"' in s["config"]
+        assert s["status"]["models"][CLASSIFIER]["backend"] == "onnx-fallback"
+        assert not list(plans.cache.rglob("*.plan*")) and not list(plans.cache.rglob(".tmp.*"))
+
+
+def test_a_plan_below_the_config_max_batch_is_refused_before_the_swap(plans):
+    e, dst = plans.env(FAKE_TRTEXEC_CAP=32)          # the engine ends up with max batch 32, config says 64
+    r = plans.run(e)
+    assert "does not load and run at max batch 64" in r.stdout and "batch 64 exceeds the profile max 32" in r.stdout
+    s = _served(dst)
+    assert s["onnx"] and not s["plan"] and not list(plans.cache.rglob("*.plan"))
+
+
+def test_failure_policy_fail_stops_the_pod_with_a_termination_message(plans):
+    e, dst = plans.env(FAKE_TRTEXEC_MODE="fail", PLAN_FAILURE_POLICY="fail")
+    r = plans.run(e)
+    assert r.returncode == 1 and "PLAN_FAILURE_POLICY=fail" in r.stdout
+    msg = Path(e["PLAN_TERMINATION_LOG"]).read_text()
+    assert msg.startswith("plans: ") and f"{CLASSIFIER}=failed (trtexec failed" in msg
+    assert _served(dst)["status"]["models"][CLASSIFIER]["backend"] == "failed"
+    # A wrong TensorRT (plans the server cannot load) and no GPU are failures too.
+    e, _ = plans.env(PLAN_FAILURE_POLICY="fail", PLAN_TENSORRT_VERSION="100900")
+    r = plans.run(e)
+    assert r.returncode == 1 and "trtexec is TensorRT v100500 but the server loads v100900 plans only" in r.stdout
+    e, dst = plans.env(PLAN_FAILURE_POLICY="fallback")
+    e["PATH"] = "/usr/bin:/bin"
+    r = plans.run(e)
+    assert r.returncode == 0 and "no GPU visible" in r.stdout and _served(dst)["onnx"]
+    e, _ = plans.env(PLAN_FAILURE_POLICY="maybe")
+    r = plans.run(e)
+    assert r.returncode == 2 and "PLAN_FAILURE_POLICY='maybe' is not fail or fallback" in r.stdout
+
+
+def test_a_stale_lock_is_broken_and_a_live_one_waited_for(plans):
+    e, dst = plans.env(PLAN_LOCK_STALE_S=3)
+    r = plans.run(e)          # builds once to learn the cache entry name
+    entry = next(plans.cache.rglob("*.plan"))
+    os.remove(entry)
+    lock = Path(str(entry) + ".lock")
+    lock.mkdir()
+    (lock / "owner").write_text("pod-dead pid 1")
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    e, dst = plans.env(PLAN_LOCK_STALE_S=3)
+    r = plans.run(e)
+    assert r.returncode == 0 and "pod-dead pid 1' has had no heartbeat" in r.stdout, r.stdout
+    assert _served(dst)["plan"] and not lock.exists()
+    # A fresh lock whose owner never finishes: the waiter gives up after PLAN_LOCK_WAIT_S (policy decides).
+    os.remove(entry)
+    lock.mkdir()
+    e, dst = plans.env(PLAN_LOCK_STALE_S=600, PLAN_LOCK_WAIT_S=2)
+    r = plans.run(e)
+    assert "is building this plan; waiting" in r.stdout and "waited 2 s for another pod's build" in r.stdout
+    assert _served(dst)["onnx"]
+
+
+def test_int8_needs_a_qdq_onnx_and_no_calibration(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    def model(ops):
+        nodes = [helper.make_node(op, ["input"] + (["s", "z"] if "Linear" in op else []), ["probabilities"]) for op in ops]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 3, 32, 32])])
+        return helper.make_model(g)
+
+    plain, qdq = tmp_path / "plain.onnx", tmp_path / "qdq.onnx"
+    onnx.save(model(["Relu"]), plain)
+    onnx.save(model(["QuantizeLinear"]), qdq)
+    from serve.errors import ServeError
+    with pytest.raises(ServeError, match="no QuantizeLinear/DequantizeLinear nodes"):
+        trt_recipe.trtexec_command(plain, "p.plan", "int8", 1, 8, 32)
+    with pytest.raises(ServeError, match="removed in 11"):
+        trt_recipe.trtexec_command(qdq, "p.plan", "int8", 1, 8, 32, calib_cache="c.cache")
+    cmd = trt_recipe.trtexec_command(qdq, "p.plan", "int8", 1, 8, 32)
+    assert "--int8" in cmd and not any(c.startswith("--calib") for c in cmd) and "--maxShapes=input:32x3x32x32" in cmd
