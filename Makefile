@@ -26,3 +26,9 @@ clean:
 
 readme: venv
 	$(PY) -m scripts.readme
+
+# GPU self-check, one GPU, < 5 min: preflight, fp16/bf16 x torchvision/DALI, resume, DeepSpeed ZeRO-2 + SGD,
+# ONNX export on GPU, img/s at batch 128 -> runs/gpu_check/gpu_check.json (docs/cluster.md section 9).
+.PHONY: gpu-check
+gpu-check: venv
+	bash scripts/gpu_check.sh --out runs/gpu_check
