@@ -241,6 +241,14 @@ def test_a_stale_lock_is_broken_and_a_live_one_waited_for(plans):
     r = plans.run(e)
     assert r.returncode == 0 and "pod-dead pid 1' has had no heartbeat" in r.stdout, r.stdout
     assert _served(dst)["plan"] and not lock.exists()
+    # A build longer than the stale limit keeps its lock alive with a heartbeat: the waiter does not break it.
+    os.remove(entry)
+    runs = [plans.env(PLAN_LOCK_STALE_S=2, FAKE_TRTEXEC_MODE="slow", FAKE_TRTEXEC_SLEEP=5) for _ in range(2)]
+    builds_before = len(plans.builds())
+    procs = [subprocess.Popen(["/bin/sh", str(SCRIPT)], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for e, _ in runs]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert len(plans.builds()) == builds_before + 1 and not any("breaking it" in o for o in outs), outs
     # A fresh lock whose owner never finishes: the waiter gives up after PLAN_LOCK_WAIT_S (policy decides).
     os.remove(entry)
     lock.mkdir()

@@ -82,7 +82,8 @@ finish() {
   printf 'plans: %s\n' "${SUMMARY:-none}" > "$TERMINATION_LOG" 2>/dev/null || true
 }
 release_lock() {
-  [ -n "$HEARTBEAT_PID" ] && { kill "$HEARTBEAT_PID" 2>/dev/null || true; wait "$HEARTBEAT_PID" 2>/dev/null || true; }
+  # No wait: sh defers the TERM until the heartbeat's sleep returns; the loop then ends on its own.
+  [ -n "$HEARTBEAT_PID" ] && { kill "$HEARTBEAT_PID" 2>/dev/null || true; }
   HEARTBEAT_PID=""
   # Only our own lock: a lock broken as stale and re-taken by another pod is theirs.
   [ -n "$LOCK" ] && [ "$(cat "$LOCK/owner" 2>/dev/null)" = "$OWNER" ] && rm -rf "$LOCK"
@@ -148,7 +149,7 @@ acquire_lock() {  # 0: lock held; 2: another pod finished the entry meanwhile; 1
   done
   LOCK=$1
   echo "$OWNER" > "$LOCK/owner"
-  ( while sleep "$HEARTBEAT_S"; do [ -d "$LOCK" ] && touch -c "$LOCK"; done ) &
+  ( while sleep "$HEARTBEAT_S"; do [ -d "$LOCK" ] && touch -c "$LOCK"; done ) </dev/null >/dev/null 2>&1 &
   HEARTBEAT_PID=$!
   return 0
 }
