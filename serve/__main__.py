@@ -34,7 +34,7 @@ def _quantize(a) -> int:
         from serve.quantize import quantize_int8
     except ImportError as err:
         raise ServeError(f"int8 quantization is not available here ({err}); install the 'export' extra.") from None
-    report = quantize_int8(Path(a.export) / EXPORT_ONNX, Path(a.export) / EXPORT_INT8_ONNX, images, spec["eval"], n=a.n)
+    report = quantize_int8(Path(a.export) / EXPORT_ONNX, Path(a.export) / EXPORT_INT8_ONNX, images, spec, n=a.n)
     shown = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
     print(f"[quantize] {Path(a.export) / EXPORT_INT8_ONNX}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     print(f"[quantize] serve it with: python -m serve repository --export {a.export} --target int8 --out DIR")
@@ -46,23 +46,21 @@ def _trt(a) -> int:
     from serve.tensorrt import build_plan, trtexec_command
 
     cmd = trtexec_command(a.onnx, Path(a.out) / plan_filename("<CC>").replace("sm<CC>", "sm${CC}"), a.precision,
-                          a.min_batch, a.opt_batch, a.max_batch, calib_cache=a.calib_cache)
+                          a.min_batch, a.opt_batch, a.max_batch, workspace_mib=a.workspace_mib)
     print("[trt] equivalent trtexec command (what the Kubernetes init container runs):")
     print("  " + shlex.join(cmd).replace("'", "") + "    # ${CC}: the GPU's compute capability without the dot, e.g. 80")
     if a.print_only:
         return 0
-    r = build_plan(a.onnx, a.out, a.precision, a.min_batch, a.opt_batch, a.max_batch, a.workspace_mib,
-                   checkpoint=a.checkpoint, calib_images=a.calib_images, calib_count=a.calib_count,
-                   calib_batch=a.calib_batch, calib_cache=a.calib_cache)
+    r = build_plan(a.onnx, a.out, a.precision, a.min_batch, a.opt_batch, a.max_batch, a.workspace_mib)
     print(f"[trt] {r['plan']} (compute capability {r['compute_capability']}, {r['precision']}, {r['seconds']} s)")
     return 0
 
 
 def _repository(a) -> int:
-    from serve.repository import write_model_repository
-
     if bool(a.export) == bool(a.checkpoint):
         raise ServeError("pass exactly one of --export (a folder from 'python -m serve export') or --checkpoint.")
+    from serve.repository import write_model_repository
+
     out = write_model_repository(a.export or a.checkpoint, a.out, a.target, precision=a.precision, onnx_path=a.onnx,
                                  plan=a.plan, plan_cc=a.plan_cc, ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads)
     meta = json.loads((out / "repository.json").read_text())
@@ -128,16 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trt", help="Build a TensorRT plan named for this GPU's compute capability (needs tensorrt and a GPU); prints the trtexec equivalent.")
     t.add_argument("--onnx", required=True, help="model.onnx from 'export'")
     t.add_argument("--out", default=".", help="folder for model.sm<CC>.plan (default: current folder)")
-    t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
+    t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+                   help="int8 needs the Q/DQ model of 'quantize' (model.int8.onnx); default fp16")
     t.add_argument("--min-batch", type=int, default=1)
-    t.add_argument("--opt-batch", type=int, default=16)
-    t.add_argument("--max-batch", type=int, default=32)
+    t.add_argument("--opt-batch", type=int, default=None, help="optimisation batch (default: --max-batch)")
+    t.add_argument("--max-batch", type=int, default=32, help="largest batch (the repository's max_batch_size)")
     t.add_argument("--workspace-mib", type=int, default=4096)
-    t.add_argument("--checkpoint", help="int8: the checkpoint (its eval transform prepares calibration images)")
-    t.add_argument("--calib-images", nargs="*", default=[], help="int8: training images (files or folders)")
-    t.add_argument("--calib-count", type=int, default=512, help="int8: number of calibration images (default 512)")
-    t.add_argument("--calib-batch", type=int, default=16, help="int8: calibration batch size")
-    t.add_argument("--calib-cache", help="int8: calibration cache to reuse or write (default <out>/calibration.cache)")
     t.add_argument("--print-only", action="store_true", help="only print the trtexec command")
     t.set_defaults(func=_trt)
 

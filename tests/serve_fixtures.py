@@ -34,3 +34,27 @@ def big_png(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (10, 200, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def gif_bytes(size: int = 64) -> bytes:
+    """A real GIF (a format Pillow decodes but the service refuses)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 30, 30)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition (labels matched exactly, in any order); 0.0 when absent."""
+    import re
+
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if m:
+            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+            if got == labels:
+                return float(m.group(2))
+    return 0.0

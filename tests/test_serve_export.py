@@ -1,7 +1,6 @@
 """Serving without a server: ONNX parity, int8 drift, TensorRT guard + trtexec command, config.pbtxt validity, CLI errors."""
 from __future__ import annotations
 
-import shlex
 import socket
 import subprocess
 import sys
@@ -90,53 +89,106 @@ def test_tensorrt_without_tensorrt_is_one_clear_error(exported):
     assert "trtexec --onnx=" in proc.stdout
 
 
-def test_trtexec_command_matches_profile(exported):
-    from serve.tensorrt import init_container_script, trtexec_command
+@pytest.fixture(scope="module")
+def export_dir(exported):
+    """The export folder, with a model.int8.onnx (dynamic int8 here: the writer only copies the file)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    cmd = trtexec_command(exported[1], "/models/se_resnet50/1/model.sm80.plan", "int8", 1, 16, 32, calib_cache="cal.cache")
-    assert cmd[0] == "trtexec" and f"--onnx={exported[1]}" in cmd
-    assert "--minShapes=input:1x3x32x32" in cmd and "--optShapes=input:16x3x32x32" in cmd and "--maxShapes=input:32x3x32x32" in cmd
-    assert "--int8" in cmd and "--calib=cal.cache" in cmd and "--saveEngine=/models/se_resnet50/1/model.sm80.plan" in cmd
-    assert "--fp16" in trtexec_command(exported[1], "p.plan", "fp16") and "--fp16" not in trtexec_command(exported[1], "p.plan", "fp32")
-    script = init_container_script("/models/se_resnet50/1/model.onnx", "/models/se_resnet50/1", "fp16", image_size=224)
-    assert "nvidia-smi --query-gpu=compute_cap" in script and "model.sm${CC}.plan" in script
-    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
-    shlex.split(script.splitlines()[-1].split("then ", 1)[1].rsplit(";", 1)[0])
+    from serve.contract import EXPORT_INT8_ONNX
+
+    d = Path(exported[1]).parent
+    quantize_dynamic(str(exported[1]), str(d / EXPORT_INT8_ONNX), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    return d
 
 
-@pytest.mark.parametrize("target", ["cpu", "onnx", "tensorrt"])
-def test_every_config_pbtxt_parses_as_model_config(exported, tmp_path, target):
+@pytest.mark.parametrize("target", ["cpu", "onnx", "tensorrt", "int8"])
+def test_every_config_pbtxt_parses_as_model_config(export_dir, tmp_path, target):
+    import json
+
+    from serve import contract as C
     from serve.repository import parse_pbtxt, write_model_repository
 
-    ckpt, onnx_path, _ = exported
-    repo = write_model_repository(ckpt, tmp_path / "repo", target, onnx_path=onnx_path, ort_tensorrt=(target == "onnx"))
+    repo = write_model_repository(export_dir, tmp_path / "repo", target, ort_tensorrt=(target == "onnx"))
     configs = {p.parent.name: parse_pbtxt(p.read_text()) for p in repo.glob("*/config.pbtxt")}
-    expected = {"cpu": {"classify", "preprocess", "se_resnet50"}}.get(target, {"classify", "preprocess", "se_resnet50", "postprocess"})
+    python_classifier = target in ("cpu", "int8")
+    expected = {C.ENSEMBLE, C.PREPROCESS, C.CLASSIFIER} | (set() if python_classifier else {C.POSTPROCESS})
     assert set(configs) == expected
-    cls = configs["se_resnet50"]
-    assert [i.name for i in cls.input] == ["input"] and [o.name for o in cls.output] == ["probabilities"]
+    cls = configs[C.CLASSIFIER]
+    assert [i.name for i in cls.input] == [C.INPUT_NAME] and [o.name for o in cls.output] == [C.OUTPUT_NAME]
     assert list(cls.input[0].dims) == [3, 32, 32] and list(cls.output[0].dims) == [10] and cls.output[0].label_filename == "labels.txt"
     assert cls.max_batch_size == 32 and list(cls.dynamic_batching.preferred_batch_size) == [8, 16, 32]
     assert cls.model_warmup and cls.instance_group[0].count == 1
-    assert (repo / "se_resnet50" / "labels.txt").read_text().split() == [
+    assert (repo / C.CLASSIFIER / "labels.txt").read_text().split() == [
         "bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
-    if target == "cpu":
-        assert cls.backend == "python" and (repo / "se_resnet50/1/model.py").is_file()
+    precision = "int8" if target == "int8" else "fp32"
+    assert cls.parameters["PRECISION"].string_value == precision
+    served = (repo / C.CLASSIFIER / "1" / C.EXPORT_ONNX).read_bytes()  # always shipped: fallback and init-container input
+    assert served == (export_dir / (C.EXPORT_INT8_ONNX if precision == "int8" else C.EXPORT_ONNX)).read_bytes()
+    if python_classifier:
+        assert cls.backend == "python" and cls.parameters["ONNX_FILE"].string_value == C.EXPORT_ONNX
+        assert {p.name for p in (repo / C.CLASSIFIER / "1").iterdir()} >= {"model.py", "seresnet_serving.py", "seresnet_contract.py"}
     elif target == "onnx":
-        assert cls.platform == "onnxruntime_onnx"
+        assert cls.platform == "onnxruntime_onnx" and cls.default_model_filename == C.EXPORT_ONNX
         acc = cls.optimization.execution_accelerators.gpu_execution_accelerator[0]
         assert acc.name == "tensorrt" and acc.parameters["trt_engine_cache_enable"] == "true"
     else:
-        assert cls.platform == "tensorrt_plan" and cls.cc_model_filenames["8.0"] == "model.sm80.plan"
-    assert (repo / "se_resnet50/1/model.onnx").is_file()  # always shipped: fallback and init-container input
-    ens = configs["classify"]
-    assert ens.platform == "ensemble" and ens.input[0].name == "image" and list(ens.input[0].dims) == [-1]
+        assert cls.platform == "tensorrt_plan"
+        assert dict(cls.cc_model_filenames) == {cc: C.plan_filename(cc) for cc in C.DEFAULT_GPU_CCS}
+    if not python_classifier:
+        post = configs[C.POSTPROCESS]
+        assert post.backend == "python" and post.dynamic_batching.max_queue_delay_microseconds == 2000
+    ens = configs[C.ENSEMBLE]
+    assert ens.platform == "ensemble" and ens.input[0].name == C.ENSEMBLE_INPUT and list(ens.input[0].dims) == [-1]
     assert ens.max_batch_size == 32 and ens.input[0].data_type == 2  # TYPE_UINT8
-    pre = configs["preprocess"]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == [C.PREPROCESS, C.CLASSIFIER] + ([] if python_classifier else [C.POSTPROCESS])
+    pre = configs[C.PREPROCESS]
     params = {k: v.string_value for k, v in pre.parameters.items()}
-    assert params["IMAGE_SIZE"] == "32" and params["EVAL_RESIZE"] == "32" and params["MEAN"] == "[0.485, 0.456, 0.406]"
-    assert int(params["MAX_IMAGE_PIXELS"]) == 40_000_000 and Path(params["PROJECT_ROOT"]) == ROOT
+    assert params == {"EVAL_SPEC_FILE": C.EVAL_SPEC_FILE, "MAX_IMAGE_BYTES": "20000000", "MAX_IMAGE_PIXELS": "40000000",
+                      "MAX_REQUEST_BYTES": "40000000", "TORCH_THREADS": "1"}
+    assert json.loads((repo / C.PREPROCESS / "1" / C.EVAL_SPEC_FILE).read_text()) == {
+        "image_size": 32, "eval_resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert (repo / "preprocess/warmup/sample.jpg").stat().st_size == pre.model_warmup[0].inputs["image"].dims[0]
+    # Standalone: nothing in the repository names the checkout (no PROJECT_ROOT, no path of this repository).
+    for f in repo.rglob("*"):
+        if f.is_file() and f.suffix in (".py", ".pbtxt", ".json", ".txt") and f.name != "repository.json":
+            text = f.read_text()
+            assert "PROJECT_ROOT" not in text and str(ROOT) not in text, f
+    meta = json.loads((repo / "repository.json").read_text())
+    assert meta["precision"] == precision and meta["target"] == ("cpu" if target == "int8" else target)
+
+
+def test_serving_eval_module_is_train_transforms_verbatim(export_dir, tmp_path):
+    """One eval transform: the copy in the repository is train/transforms.py line for line (its one annotation-only import commented)."""
+    from serve.repository import ANNOTATION_ONLY_IMPORT, write_model_repository
+
+    repo = write_model_repository(export_dir, tmp_path / "repo", "cpu")
+    copy = (repo / "preprocess/1/seresnet_eval.py").read_text().splitlines()
+    original = (ROOT / "train/transforms.py").read_text().splitlines()
+    assert copy[0].startswith("# Copied verbatim") and len(copy) == len(original) + 1
+    for a, b in zip(copy[1:], original):
+        assert a == b or (b == ANNOTATION_ONLY_IMPORT and a.startswith(f"# {ANNOTATION_ONLY_IMPORT}")), (a, b)
+
+
+def test_repository_out_refuses_a_folder_it_did_not_write(export_dir, tmp_path):
+    from serve.contract import REPOSITORY_MARKER
+    from serve.repository import write_model_repository
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ServeError, match="non-empty folder that 'serve repository' did not write"):
+        write_model_repository(export_dir, foreign, "cpu")
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    proc = _cli("repository", "--export", str(export_dir), "--out", str(foreign))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "did not write" in proc.stderr
+    repo = write_model_repository(export_dir, tmp_path / "new", "cpu")   # new folder: written, marked
+    assert (repo / REPOSITORY_MARKER).is_file()
+    (repo / "classify" / "stale.txt").write_text("x")
+    write_model_repository(export_dir, repo, "onnx")                         # ours: rewritten in place
+    assert not (repo / "classify" / "stale.txt").exists() and (repo / "postprocess" / "config.pbtxt").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (write_model_repository(export_dir, empty, "cpu") / "classify" / "config.pbtxt").is_file()
 
 
 def test_bad_config_text_is_rejected():
@@ -154,7 +206,7 @@ def _cli(*args):
 
 def test_cli_help_lists_every_command():
     out = _cli("--help").stdout
-    for cmd in ("export", "quantize", "trt", "repository", "up", "classify"):
+    for cmd in ("export", "quantize", "trt", "repository", "up", "classify", "evaluate"):
         assert cmd in out
         assert _cli(cmd, "--help").returncode == 0
 
@@ -163,6 +215,9 @@ def test_cli_user_errors_are_one_sentence(tmp_path, exported):
     cases = [
         (("export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")), "does not exist"),
         (("repository", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")), "does not exist"),
+        (("repository", "--export", str(tmp_path), "--out", str(tmp_path / "r2")), "lacks model.onnx"),
+        (("repository", "--out", str(tmp_path / "r3")), "pass exactly one of --export"),
+        (("evaluate", "--url", "127.0.0.1:1", str(tmp_path / "nofolder")), "is not a folder"),
         (("up", "--repository", str(tmp_path / "nothing")), "does not exist"),
         (("up", "--repository", str(tmp_path)), "holds no models"),
         (("classify", "--url", "127.0.0.1:1", str(tmp_path / "none.jpg")), "does not exist"),
