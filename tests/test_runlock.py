@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,21 +141,35 @@ def test_kill_9_of_launch_local_leaves_no_worker_and_the_rerun_resumes(tmp_path)
     """`python -m launch local --nproc 2` on the demo data (Animal-MNIST, a small prepared subset): SIGKILL to its
     whole process group mid-training. torchrun's workers live in sessions of their own, so only their parent-death
     signal stops them: all are gone within 10 s. The same command, rerun at once (same metrics ports, same output
-    folder), recovers the stale lock, resumes from the checkpoint and finishes."""
+    folder), recovers the stale lock, resumes from the checkpoint and finishes. Before the kill, the same command
+    started a second time is refused on both ranks with one sentence naming the running rank 0."""
     data = tmp_path / "animals"
     prepare_animals.prepare(data, max_per_class=12, log=lambda *_: None)
     out = tmp_path / "run"
     port = free_port()
     cmd = [PY, "-m", "launch", "local", "--nproc", "2", "--", "--config", str(SMOKE_CONFIG),
-           "--set", f"data.root={data}", "--set", f"output_dir={out}", "--set", "train.max_steps=4",
+           "--set", f"data.root={data}", "--set", f"output_dir={out}", "--set", "train.max_steps=6",
            "--set", "train.checkpoint_every_steps=2", "--set", f"metrics.port={port}"]
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as f:
         proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        marker = out / "checkpoints" / "step-00000002.pt"
+        # While it runs, the same command again is refused on every rank, naming the running rank 0.
         deadline = time.time() + 300
+        while time.time() < deadline and not RunLock(out).read() and proc.poll() is None:
+            time.sleep(0.1)
+        holder = RunLock(out).read()
+        assert holder and proc.poll() is None, first_log.read_text()[-3000:]
+        second = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+        errors = _error_lines(second.stdout + second.stderr)
+        assert second.returncode != 0 and len(errors) == 2, (second.stdout + second.stderr)[-3000:]
+        assert all(f"is in use by another training run (pid {holder['pid']} on host {holder['host']}" in e
+                   for e in errors), errors
+        # torchrun prints its own ChildFailedError traceback for a failed worker; none comes from our code.
+        assert not re.search(r'File ".*/(train|launch)/', second.stderr), second.stderr[-3000:]
+
+        marker = out / "checkpoints" / "step-00000002.pt"
         while time.time() < deadline and not marker.exists() and proc.poll() is None:
             time.sleep(0.1)
         assert marker.exists() and proc.poll() is None, first_log.read_text()[-3000:]
@@ -184,5 +199,5 @@ def test_kill_9_of_launch_local_leaves_no_worker_and_the_rerun_resumes(tmp_path)
     resumed = [line for line in text.splitlines() if "resuming from" in line]
     assert resumed and str(out / "checkpoints") in resumed[0], text[-4000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["resumed"] is True and report["world_size"] == 2 and report["steps"] == 4
+    assert report["resumed"] is True and report["world_size"] == 2 and report["steps"] == 6
     assert not (out / LOCK_NAME).exists()
