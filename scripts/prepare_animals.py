@@ -6,7 +6,8 @@ drops exact duplicate images (284 pairs: a duplicate kept on both sides of a spl
 accuracy, so deduplication happens BEFORE splitting), splits each class with a seeded shuffle (per-split
 totals by largest remainder, so every class is within one image of its proportional share) and writes
 ``<out>/{train,val,test}/<class>/<id>.png``. A marker file ``<out>/.prepared.json`` records the counts; a rerun
-whose marker matches the files on disk does nothing.
+whose marker matches the files on disk does nothing. The two pickles are unpickled only after their SHA-256 matches
+the digest of the animal-mnist==0.4 release recorded here (a pickle can run code when loaded).
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ SPLITS = ("train", "val", "test")
 MARKER = ".prepared.json"
 FORMAT_VERSION = 2  # 2: val apportioned after test's rounding (train counts balanced too); split_digest
 DEFAULT_VAL, DEFAULT_TEST = 0.115, 0.115  # 9,716 unique images -> 7,481 / 1,118 / 1,117
+# SHA-256 of the files shipped in the animal-mnist==0.4 wheel (data/Animal_MNIST/); checked before unpickling.
+SHA256 = {
+    "animal_data_version_3.gz": "68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce",
+    "animal_label_version_3.gz": "dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57",
+}
 
 
 class PrepareError(RuntimeError):
@@ -49,8 +55,25 @@ def package_files() -> tuple[Path, Path]:
     return data, labels
 
 
+def verify_file(path: Path) -> None:
+    """Raise PrepareError unless ``path`` has the SHA-256 recorded for its name in SHA256."""
+    expected = SHA256.get(path.name)
+    if expected is None:
+        raise PrepareError(f"'{path.name}' is not one of the animal-mnist==0.4 files {sorted(SHA256)}; reinstall "
+                           f"animal-mnist==0.4 (`make venv`).")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise PrepareError(f"'{path}' does not have the SHA-256 of the animal-mnist==0.4 release (got "
+                           f"{h.hexdigest()[:16]}..., expected {expected[:16]}...), so it was not unpickled; reinstall "
+                           f"animal-mnist==0.4 (`make venv`).")
+
+
 def _load_array(path: Path) -> np.ndarray:
-    # These pickles come from the pinned, installed package (not from user input); they hold plain numpy arrays.
+    # A pickle runs code when loaded: only the exact files of the pinned release are unpickled.
+    verify_file(path)
     with gzip.open(path, "rb") as f:
         obj = pickle.load(f)  # noqa: S301
     return np.asarray(obj)

@@ -89,3 +89,36 @@ def test_prepare_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--force" in err and len(err.splitlines()) == 1
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pickle code ran"))
+
+
+def test_a_data_file_with_the_wrong_checksum_is_refused_before_unpickling(tmp_path, monkeypatch, capsys):
+    """A tampered animal_data_version_3.gz (a pickle that would run code) is refused by its SHA-256: one sentence,
+    nothing unpickled, nothing written."""
+    import gzip
+    import pickle
+
+    data, labels = pa.package_files()
+    evil = tmp_path / "pkg" / data.name
+    evil.parent.mkdir()
+    ran = tmp_path / "pwned.txt"
+    with gzip.open(evil, "wb") as f:
+        pickle.dump(_Payload(ran), f)
+    monkeypatch.setattr(pa, "package_files", lambda: (evil, labels))
+    out = tmp_path / "animals"
+    assert pa.main(["--out", str(out), "--max-per-class", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: '{evil}' does not have the SHA-256 of the "
+                                                         "animal-mnist==0.4 release"), err
+    assert "so it was not unpickled" in err and err.endswith("(`make venv`).")
+    assert not ran.exists(), "the pickle was never loaded"
+    assert not out.exists()
+    pa.verify_file(data)  # the installed release verifies
+    pa.verify_file(labels)
