@@ -25,6 +25,10 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m"}
 GPU_ONLY_METRICS = ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes")
 
 DATASOURCE = "${datasource}"
+# Triton model names the panels filter on: serve.contract.ENSEMBLE / CLASSIFIER (launch does not import serve;
+# tests/test_monitoring.py holds them equal).
+ENSEMBLE = "classify"      # what clients call: request rate, errors, latency
+CLASSIFIER = "se_resnet50"  # the GPU model: queueing, pending requests (HPA)
 
 
 def _dashboard_lib():
@@ -51,30 +55,34 @@ def _templating(g):
 
 def serving_dashboard():
     g, _ = _dashboard_lib()
-    per_req = 'clamp_min(sum by (model) (rate(nv_inference_request_success[$__rate_interval])), 1e-9)'
+    # Request-level series count the `classify` ensemble only (Triton also counts each composing model: summing
+    # over models reads ~4x the requests and ~2x the errors); queueing is the GPU model's (see the rule file).
+    ens, gpu = f'model="{ENSEMBLE}"', f'model="{CLASSIFIER}"'
+    per_req = f'clamp_min(sum by (model) (rate(nv_inference_request_success{{{ens}}}[$__rate_interval])), 1e-9)'
+    per_gpu_req = f'clamp_min(sum by (model) (rate(nv_inference_request_success{{{gpu}}}[$__rate_interval])), 1e-9)'
     panels = [
         g.Stat(title="Ready Triton pods", dataSource=DATASOURCE, gridPos=g.GridPos(h=4, w=6, x=0, y=0),
                targets=[g.Target(expr="seresnet:triton_ready_pods", refId="A")], reduceCalc="last"),
         g.Stat(title="Requests / s", dataSource=DATASOURCE, gridPos=g.GridPos(h=4, w=6, x=6, y=0), format="reqps",
-               targets=[g.Target(expr="sum(rate(nv_inference_request_success[$__rate_interval]))", refId="A")],
+               targets=[g.Target(expr=f"sum(rate(nv_inference_request_success{{{ens}}}[$__rate_interval]))", refId="A")],
                reduceCalc="last"),
-        g.Stat(title="Error ratio (5m)", dataSource=DATASOURCE, gridPos=g.GridPos(h=4, w=6, x=12, y=0),
+        g.Stat(title="Server error ratio (5m)", dataSource=DATASOURCE, gridPos=g.GridPos(h=4, w=6, x=12, y=0),
                format="percentunit", targets=[g.Target(expr="max(seresnet:triton_error_ratio:5m)", refId="A")],
                reduceCalc="last"),
         g.Stat(title="Worst p99 latency", dataSource=DATASOURCE, gridPos=g.GridPos(h=4, w=6, x=18, y=0), format="s",
                targets=[g.Target(expr="max(seresnet:triton_request_latency_p99_seconds)", refId="A")],
                reduceCalc="last"),
         _timeseries(g, "Request latency p50 / p95 / p99 (worst pod)", [
-            ('max by (model) (nv_inference_request_summary_us{quantile="0.5"}) / 1e6', "{{model}} p50"),
-            ('max by (model) (nv_inference_request_summary_us{quantile="0.95"}) / 1e6', "{{model}} p95"),
-            ('max by (model) (nv_inference_request_summary_us{quantile="0.99"}) / 1e6', "{{model}} p99"),
+            (f'max by (model) (nv_inference_request_summary_us{{{ens},quantile="0.5"}}) / 1e6', "{{model}} p50"),
+            (f'max by (model) (nv_inference_request_summary_us{{{ens},quantile="0.95"}}) / 1e6', "{{model}} p95"),
+            (f'max by (model) (nv_inference_request_summary_us{{{ens},quantile="0.99"}}) / 1e6', "{{model}} p99"),
         ], x=0, y=4, unit="s",
             description="Triton 2.51 publishes latency quantiles per pod (--metrics-config summary_latencies=true); "
                         "the panel shows the worst pod, matching the p99 SLO alert (100 ms)."),
         _timeseries(g, "Mean request latency (all pods)", [
-            (f"sum by (model) (rate(nv_inference_request_duration_us[$__rate_interval])) / {per_req} / 1e6", "{{model}}"),
+            (f"sum by (model) (rate(nv_inference_request_duration_us{{{ens}}}[$__rate_interval])) / {per_req} / 1e6", "{{model}}"),
         ], x=12, y=4, unit="s"),
-        _timeseries(g, "Throughput", [
+        _timeseries(g, "Throughput per model (each model counts the same requests)", [
             ("sum by (model) (rate(nv_inference_count[$__rate_interval]))", "{{model}} inferences/s"),
             ("sum by (model) (rate(nv_inference_exec_count[$__rate_interval]))", "{{model}} executions/s"),
         ], x=0, y=12, unit="ops"),
@@ -83,19 +91,28 @@ def serving_dashboard():
              "clamp_min(sum by (model) (rate(nv_inference_exec_count[$__rate_interval])), 1e-9)", "{{model}}"),
         ], x=12, y=12),
         _timeseries(g, "Queue vs compute time per request", [
-            (f"sum by (model) (rate(nv_inference_queue_duration_us[$__rate_interval])) / {per_req} / 1e6", "{{model}} queue"),
-            (f"sum by (model) (rate(nv_inference_compute_infer_duration_us[$__rate_interval])) / {per_req} / 1e6",
+            (f"sum by (model) (rate(nv_inference_queue_duration_us{{{gpu}}}[$__rate_interval])) / {per_gpu_req} / 1e6",
+             "{{model}} queue"),
+            (f"sum by (model) (rate(nv_inference_compute_infer_duration_us{{{gpu}}}[$__rate_interval])) / {per_gpu_req} / 1e6",
              "{{model}} compute"),
         ], x=0, y=20, unit="s"),
-        _timeseries(g, "Queue / compute ratio (HPA signal)", [
-            ("seresnet:triton_queue_compute_ratio:5m", "{{model}}"),
+        _timeseries(g, "Pending requests of the classifier (HPA signal) and queue / compute ratio", [
+            ("seresnet:triton_pending_requests", "{{model}} pending"),
+            ("seresnet:triton_queue_compute_ratio:5m", "{{model}} queue/compute"),
         ], x=12, y=20,
-            description="The HPA scales on this ratio through prometheus-adapter (target 0.5); the alert fires above 1."),
-        _timeseries(g, "Failed requests by reason", [
-            ("sum by (model, reason) (rate(nv_inference_request_failure[$__rate_interval]))", "{{model}} {{reason}}"),
-        ], x=0, y=28, unit="reqps"),
-        _timeseries(g, "Error ratio (5m)", [("seresnet:triton_error_ratio:5m", "{{model}}")], x=12, y=28,
-                    unit="percentunit"),
+            description="The HPA scales on the classifier's pending requests per pod through prometheus-adapter "
+                        "(k8s/serving/base/hpa.yaml); the queue alert fires when queue/compute stays above 1."),
+        _timeseries(g, "Failed classify requests by reason, and client rejections", [
+            (f"sum by (model, reason) (rate(nv_inference_request_failure{{{ens}}}[$__rate_interval]))", "{{model}} {{reason}}"),
+            ("sum by (reason) (rate(seresnet_preprocess_rejected_total[$__rate_interval])) or vector(0)",
+             "client image rejected: {{reason}}"),
+        ], x=0, y=28, unit="reqps",
+            description="Client rejections (undecodable or oversize images, INVALID_ARG) are part of the classify "
+                        "failures; the server error ratio leaves them out."),
+        _timeseries(g, "Server vs client error ratio (5m)", [
+            ("seresnet:triton_error_ratio:5m", "{{model}} server errors (pages above 1%)"),
+            ("seresnet:triton_client_error_ratio:5m", "{{model}} client rejections (warns above 5%)"),
+        ], x=12, y=28, unit="percentunit"),
         _timeseries(g, "GPU utilisation", [("avg by (instance, gpu_uuid) (nv_gpu_utilization)", "{{instance}} {{gpu_uuid}}")],
                     x=0, y=36, unit="percentunit", description="GPU pods only (nv_gpu_*)."),
         _timeseries(g, "GPU memory used", [("sum by (instance, gpu_uuid) (nv_gpu_memory_used_bytes)", "{{instance}} {{gpu_uuid}}")],

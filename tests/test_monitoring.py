@@ -15,8 +15,11 @@ from launch.torchrun import REPO_ROOT
 
 PROMTOOL = Path(sys.executable).parent.parent / "tools" / "prometheus" / "usr" / "bin" / "promtool"
 RULE_TESTS = m.RULES_FILE.with_name("seresnet.rules.test.yaml")
-REQUIRED_ALERTS = {"TritonLatencyP99High", "TritonErrorRatioHigh", "TritonQueueTimeGrowing", "TritonNoReadyPod",
-                   "TrainingThroughputStalled", "PredictionConfidenceDrift"}
+REQUIRED_ALERTS = {"TritonLatencyP99High", "TritonErrorRatioHigh", "TritonClientRejectionsHigh", "TritonQueueTimeGrowing",
+                   "TritonNoReadyPod", "TrainingThroughputStalled", "PredictionConfidenceDrift"}
+REQUEST_LEVEL = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_request_duration_us",
+                 "nv_inference_request_summary_us")
+GPU_LEVEL = ("nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +107,7 @@ def test_dashboards_cover_the_required_panels():
     s_exprs = " ".join(m.dashboard_expressions()["seresnet-serving.json"])
     t_exprs = " ".join(m.dashboard_expressions()["seresnet-training.json"])
     for q in ('quantile="0.5"', 'quantile="0.95"', 'quantile="0.99"', "nv_inference_count", "nv_inference_queue_duration_us",
+              "seresnet:triton_pending_requests", "seresnet_preprocess_rejected_total", "seresnet:triton_client_error_ratio:5m",
               "nv_inference_compute_infer_duration_us", "nv_inference_request_failure", "nv_gpu_utilization",
               "nv_gpu_memory_used_bytes", "seresnet_prediction_confidence_bucket", "seresnet_predicted_class_total"):
         assert q in s_exprs, q
@@ -128,3 +132,40 @@ def test_dashboard_configmaps_carry_the_committed_json_with_the_grafana_label():
         (fname, body), = cm["data"].items()
         assert body == (m.DASHBOARD_DIR / fname).read_text()
         json.loads(body)
+
+
+def test_request_series_count_the_ensemble_once_and_queueing_is_the_gpu_models():
+    """Triton counts a request for the ensemble and again for each composing model: request-level expressions
+    filter model="classify", queue/compute/pending ones the GPU model; the model names are the contract's."""
+    from serve.contract import CLASSIFIER, ENSEMBLE
+    assert (m.ENSEMBLE, m.CLASSIFIER) == (ENSEMBLE, CLASSIFIER)
+    exprs = [e for es in m.dashboard_expressions().values() for e in es] + [r["expr"] for r in m.rule_expressions()]
+    adapter = yaml.safe_load((m.MONITORING_DIR / "prometheus-adapter" / "config.yaml").read_text())["rules"]
+    exprs += [r["metricsQuery"] for r in adapter]
+    checked = 0
+    for e in exprs:
+        for metric in REQUEST_LEVEL + GPU_LEVEL:
+            for use in e.split(metric)[1:]:
+                # Per-request queue/compute time divides by the GPU model's own request count.
+                gpu_expr = any(g in e for g in GPU_LEVEL)
+                want = f'model="{CLASSIFIER}"' if metric in GPU_LEVEL or gpu_expr else f'model="{ENSEMBLE}"'
+                assert use.startswith("{") and want in use.split("}")[0], f"{metric} without {want}: {e}"
+                checked += 1
+    assert checked >= 20
+    # Server errors leave out the client rejections the preprocess model counts.
+    ratio = next(r["expr"] for r in m.rule_expressions() if r["name"] == "seresnet:triton_error_ratio:5m")
+    assert "seresnet_preprocess_rejected_total" in ratio
+    try:
+        from serve.contract import REJECTED_METRIC
+    except ImportError:
+        REJECTED_METRIC = "seresnet_preprocess_rejected_total"
+    assert REJECTED_METRIC in ratio
+
+
+def test_the_hpa_scales_on_the_classifiers_pending_requests():
+    hpa = yaml.safe_load((REPO_ROOT / "k8s/serving/base/hpa.yaml").read_text())
+    (rule,) = yaml.safe_load((m.MONITORING_DIR / "prometheus-adapter" / "config.yaml").read_text())["rules"]
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert rule["name"]["as"] == metric and rule["name"]["matches"] == "^nv_inference_pending_request_count$"
+    assert 'model="se_resnet50"' in rule["seriesQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+    assert float(hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"]) > 0

@@ -1,16 +1,37 @@
-# Serving image: NVIDIA's Triton image, pinned by tag (24.10 = Triton 2.51, TensorRT 10.5, with trtexec),
-# plus this project's packages (the python-backend models import train.transforms: one eval transform for
-# training and serving) and the model repository written by `python -m serve repository --target onnx`.
-# The init container (same image) turns the ONNX classifier into a TensorRT plan on the serving GPU.
+# Serving image: NVIDIA's Triton image, pinned by tag, plus the trtexec of the SAME TensorRT (a plan loads only
+# in the TensorRT that built it), this project's packages and the model repository written by
+# `python -m serve repository --target onnx`. Versions: train/compat.yaml `serving:` (tests/test_compat_serving.py
+# holds the ARGs below to its `current` row). The init container (same image) turns the ONNX classifier into a
+# TensorRT plan on the serving GPU with /opt/trtexec/bin/trtexec.
 # Build from the repository root after writing the repository into runs/model_repository_k8s:
 #   python -m serve repository --checkpoint runs/demo/checkpoints/best.pt --out runs/model_repository_k8s --target onnx
 #   docker build -f k8s/images/serve.Dockerfile -t REGISTRY/seresnet-triton:24.10-py3-TAG .
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
-FROM ${TRITON_IMAGE}
+ARG TRTEXEC_IMAGE=nvcr.io/nvidia/tensorrt:24.10-py3
 
+# trtexec and the TensorRT libraries it links, from NVIDIA's TensorRT container of the same release: the Triton
+# image is not documented to ship trtexec, and NVIDIA's answer for Triton plans is the TensorRT container of the
+# same yy.mm (triton-inference-server/server#3904). The build fails if its version tag is not the table's.
+FROM ${TRTEXEC_IMAGE} AS trtexec
+ARG TENSORRT_TAG=100500
+RUN set -eu; \
+    t=$(command -v trtexec || echo /opt/tensorrt/bin/trtexec); \
+    mkdir -p /out/bin /out/lib; cp "$t" /out/bin/trtexec.bin; \
+    libdir=$(dirname "$(ldd "$t" | awk '/libnvinfer\.so/ {print $3}')"); \
+    cp -P "$libdir"/libnvinfer.so.10* "$libdir"/libnvinfer_plugin.so.10* "$libdir"/libnvonnxparser.so.10* /out/lib/; \
+    cp -P "$libdir"/libnvinfer_builder_resource*.so* /out/lib/ 2>/dev/null || true; \
+    printf '#!/bin/sh\nLD_LIBRARY_PATH=/opt/trtexec/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec /opt/trtexec/bin/trtexec.bin "$@"\n' > /out/bin/trtexec; \
+    chmod 0755 /out/bin/trtexec; \
+    "$t" --help 2>&1 | grep -q "\[TensorRT v${TENSORRT_TAG}\]" || { echo "trtexec in ${TRTEXEC_IMAGE:-the TensorRT image} is not TensorRT v${TENSORRT_TAG}" >&2; exit 1; }
+
+FROM ${TRITON_IMAGE}
+ARG TENSORRT_TAG=100500
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HOME=/tmp
-# numpy<2: Triton 2.51's python backend answers with empty tensors when the stub's environment has
-# numpy 2 (DESIGN.md). torch/torchvision: the shared eval transform used by the preprocess model.
+COPY --from=trtexec /out /opt/trtexec
+RUN /opt/trtexec/bin/trtexec --help 2>&1 | grep -q "\[TensorRT v${TENSORRT_TAG}\]"
+
+# numpy<2: Triton 2.51's python backend answers with empty tensors when the stub's environment has numpy 2.
+# torch/torchvision: the shared eval transform used by the preprocess model.
 WORKDIR /opt/seresnet
 COPY pyproject.toml README.md ./
 COPY train ./train
