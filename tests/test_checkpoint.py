@@ -1,6 +1,7 @@
 """Checkpoint safety: atomic writes, checksums, fallback past corrupt files, refusal of malicious pickles, NaN stop."""
 import logging
 import pickle
+import re
 import subprocess
 
 import pytest
@@ -73,8 +74,14 @@ def test_nan_loss_stops_cleanly_and_leaves_no_poisoned_checkpoint(tiny_imagefold
                        env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "error: Loss became NaN/inf at step" in r.stderr and "Traceback" not in r.stderr
+    diverged = int(re.search(r"Loss became NaN/inf at step (\d+)", r.stderr).group(1))
+    # Checkpoints exist (the loop below is not empty), and the newest one predates the divergence.
+    steps = sorted(int(p.name[5:13]) for p in (out / "checkpoints").glob("step-*.pt"))
+    assert steps and max(steps) < diverged, (steps, diverged)
+    assert safe_load(out / "checkpoints" / "last.pt")["global_step"] == max(steps)
     for p in (out / "checkpoints").glob("*.pt"):
         state = safe_load(p)
+        assert state["global_step"] < diverged
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), p
 
 
