@@ -1,4 +1,4 @@
-"""Command line: ``python -m launch {local,multinode,k8s}`` (see ``--help`` of each)."""
+"""Command line: ``python -m launch {local,multinode,k8s,preflight}`` (see ``--help`` of each)."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the trainer (`python -m train`) under torchrun on one machine or several nodes, "
                     "or render its Kubernetes job. Arguments after `--` go to the trainer unchanged.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{local,multinode,k8s}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{local,multinode,k8s,preflight}")
 
     local = sub.add_parser("local", help="N processes on this machine (torchrun --standalone)",
                            description="Run N trainer processes on this machine with torchrun --standalone "
@@ -47,6 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     multi.add_argument("--max-restarts", type=int, default=3, help="worker-group restarts before failing (default 3)")
     multi.add_argument("--engine", choices=ENGINES, help="sets --set engine=... for the trainer")
     multi.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
+
+    pre = sub.add_parser("preflight", help="what a job will do on this machine or on described GPUs, and what stops it",
+                         description="Decide precision, data backend and channels_last for the job with the same code the "
+                                     "trainer runs at every start, and list the problems that would stop it (a torch build "
+                                     "without kernels for the GPU, GPUs allocated but CUDA unusable, a missing extra, bad "
+                                     "paths). Exit status 1 when there is a problem. With --gpu-arch a remote cluster is "
+                                     "described and local paths in the config are not checked.")
+    pre.add_argument("--config", required=True, help="training config YAML")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    pre.add_argument("--engine", choices=ENGINES, help="override the config's engine")
+    pre.add_argument("--gpu-arch", help="compute capability of the cluster's GPUs, e.g. 7.0 (V100), 8.0 (A100), 9.0 (H100)")
+    pre.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    pre.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node (default 1)")
+    pre.add_argument("--json", action="store_true", help="print one JSON object (precision, data_backend, torch_cuda_archs, problems, ...)")
 
     k8s = sub.add_parser("k8s", help="render the Kubernetes training job from a training config",
                          description="Render a kustomize overlay (kustomization.yaml + train-config.yaml) that applies the "
@@ -75,6 +89,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     own, train_args = _split_train_args(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(own)
     try:
+        if args.command == "preflight":
+            from launch.preflight import preflight, render
+            from train.config import ConfigError, load_config
+            try:
+                cfg = load_config(args.config, args.overrides)
+                result = preflight(cfg, args.engine, args.gpu_arch, args.nnodes, args.nproc_per_node)
+            except (ConfigError, ValueError) as err:
+                raise LaunchError(str(err)) from None
+            print(render(result, args.json))
+            return 1 if result["problems"] else 0
         if args.command == "k8s":
             if train_args:
                 raise LaunchError("`launch k8s` takes no trainer arguments after `--`; use --set KEY=VALUE.")

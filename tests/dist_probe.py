@@ -12,6 +12,6 @@ if __name__ == "__main__":
     cfg = load_config(sys.argv[1], sys.argv[2:])
     trainer = Trainer(cfg)
     trainer.fit()
-    state = {k: v.detach().float().cpu() for k, v in trainer.module.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in trainer.backend.module.state_dict().items()}  # dtypes as trained
     torch.save(state, Path(cfg.output_dir) / f"params-rank{trainer.dinfo.rank}.pt")
     trainer.close()

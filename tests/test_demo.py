@@ -37,7 +37,11 @@ def test_quick_demo_serves_the_test_split_through_triton(tmp_path):
     assert 0 < report["train_seconds"] <= report["total_seconds"]
     repo = Path(report["model_repository"])
     assert (repo / "classify" / "config.pbtxt").is_file() and (repo / "se_resnet50" / "1" / "model.onnx").is_file()
-    assert (out / "confusion_served.png").stat().st_size > 0
+    assert (out / "served" / "confusion.png").stat().st_size > 0
+    served = json.loads((out / "served" / "report.json").read_text())   # what `python -m serve evaluate` writes
+    assert served["top1"] == report["test_top1"] and served["images"] == report["test_images"]
+    assert report["precision"] in ("fp32", "bf16") and report["epochs"] > 0 and "cpu" in report
+    assert report["train_images_per_second"] > 0 and "time_budget" in report
     # Measured through Triton: the server itself counted one successful `classify` request per test image.
     metrics = (out / "triton_metrics.txt").read_text()
     m = re.search(r'nv_inference_request_success\{model="classify",version="1"\} (\d+)', metrics)
@@ -50,8 +54,8 @@ def test_quick_demo_serves_the_test_split_through_triton(tmp_path):
 def test_help_describes_the_stages():
     r = _demo("--help", timeout=60)
     assert r.returncode == 0
-    for words in ("animal-mnist==0.4", "duplicates removed", "launch local --nproc", "best.pt", "gRPC", "report.json",
-                  "--quick", "--fresh", "resumes"):
+    for words in ("animal-mnist==0.4", "duplicates removed", "launch local --nproc", "time_budget", "gRPC",
+                  "report.json", "serve evaluate", "--quick", "--fresh", "resumes"):
         assert words in r.stdout, words
 
 

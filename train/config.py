@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,8 @@ class DataConfig(_Section):
     jitter: float = Field(0.2, ge=0, le=1, description="Brightness/contrast/saturation jitter strength.")
     rotate_deg: float = Field(15.0, ge=0, le=180, description="Random rotation range in degrees (+-).")
     class_weights: bool = Field(True, description="Weighted cross-entropy with inverse-frequency class weights from the training counts.")
+    progressive_min_size: int = Field(0, ge=0, description="Progressive resizing: the first epochs train at this crop size, rising to image_size by progressive_until of the run (0 = off). Evaluation and serving always use image_size.")
+    progressive_until: float = Field(0.75, gt=0, le=1, description="Fraction of the run by which progressive resizing reaches image_size.")
     verify: bool = Field(False, description="Decode every image once at start (slow on large sets); off: list files only, and a broken image met in training follows on_corrupt.")
     dont_use_mmap: bool = Field(False, description="DALI file reader: read files instead of mmap (network file systems such as NFS/Lustre).")
 
@@ -42,6 +44,8 @@ class DataConfig(_Section):
     def _resize_covers_crop(self):
         if min(self.std) <= 0:
             raise ValueError(f"data.std must be > 0 in every channel (got {list(self.std)}): normalisation divides by it")
+        if self.progressive_min_size > self.image_size:
+            raise ValueError(f"data.progressive_min_size ({self.progressive_min_size}) must be <= data.image_size ({self.image_size})")
         if self.eval_resize < self.image_size:
             raise ValueError(f"data.eval_resize ({self.eval_resize}) must be >= data.image_size ({self.image_size})")
         return self
@@ -119,6 +123,12 @@ class TrainConfig(_Section):
     time_budget: Optional[str] = Field(None, description="Wall-clock training budget (e.g. '15m', '2h', '8 GPU-hours' is '1h' on 8 GPUs): throughput is measured over the first steps, then the step count is fixed so the whole schedule ends when the budget does. Overrides epochs.")
     grad_compression: Literal["none", "fp16", "bf16"] = Field("none", description="DDP gradient all-reduce compression hook (saves inter-node bandwidth on slow networks; engine=ddp only).")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="Exponential moving average of the weights (0 = off, e.g. 0.999): the EMA model is evaluated, checkpointed and exported.")
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML 1.1 reads a bare on/off as a boolean: accept it as the string it was meant to be."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class MetricsConfig(_Section):

@@ -57,7 +57,7 @@ class Trainer:
         self.channels_last = self.plan.channels_last
         self.data_backend = self.plan.data_backend
         # Listed once on rank 0 and broadcast: no rank decodes the data set at start, and all agree on the file list.
-        self.data = decide_on_main(d, lambda: scan_imagefolder(cfg.data))
+        self.data = decide_on_main(d, lambda: scan_imagefolder(cfg.data, cache_dir=self.out / "cache"))
         self.classes = self.data.classes
         self.train_split = self.data.splits["train"]
         self.labels = {k: torch.as_tensor(v.labels) for k, v in self.data.splits.items()}
@@ -70,6 +70,9 @@ class Trainer:
         self.epoch_images = self.spe * self.global_batch
         self.budget = TimeBudget(parse_duration(cfg.train.time_budget)) if cfg.train.time_budget else None
         self.total_images = plan_total_images(cfg, self.spe, self.global_batch)
+        if self.budget:   # provisional: long enough to measure the rate before the budget fixes the real length
+            self.total_images = max(self.total_images, (TimeBudget.WARMUP_STEPS + TimeBudget.MEASURE_STEPS + 1)
+                                    * self.global_batch)
 
         seed_everything(cfg.train.seed)
         model = create_model(cfg.model, len(self.classes)).to(d.device)
@@ -110,6 +113,16 @@ class Trainer:
         self.total_images = self.images_seen + left * self.global_batch
         self.schedule = LrSchedule.from_config(self.cfg, peak_lr(self.cfg, self.global_batch, self.reference_batch),
                                                self.n_train, max(self.total_images, 1))
+
+    def train_size(self, epoch: int) -> int:
+        """Progressive resizing (FFCV's ResNet recipes): low resolution early, data.image_size from
+        data.progressive_until of the planned run on; even sizes only."""
+        data = self.cfg.data
+        if not data.progressive_min_size:
+            return data.image_size
+        frac = min(1.0, (epoch + 0.5) / max(self.total_images / self.epoch_images * data.progressive_until, 1e-9))
+        size = data.progressive_min_size + (data.image_size - data.progressive_min_size) * frac
+        return min(data.image_size, int(round(size / 2)) * 2)
 
     def done(self) -> bool:
         return self.images_seen >= self.total_images
@@ -165,8 +178,8 @@ class Trainer:
         rng = state.get("rng") or []
         if len(rng) == self.dinfo.world:
             set_rng_state(rng[self.dinfo.rank])
-        log.info("resuming from %s (epoch %.2f, %d of %d images)", path, self.images_seen / self.n_train,
-                 self.images_seen, self.total_images)
+        log.info("resuming from %s (epoch %.2f, step %d of %d, %d of %d images)", path, self.images_seen / self.n_train,
+                 self.global_step, self.total_images // self.global_batch, self.images_seen, self.total_images)
         return True
 
     # -- steps
@@ -212,7 +225,8 @@ class Trainer:
 
     def validate(self, split: str = "val") -> dict:
         d = self.dinfo
-        loader = build_eval_loader(self.cfg.data, self.data.splits[split], d.world, d.rank, d.device)
+        loader = build_eval_loader(self.cfg.data, self.data.splits[split], d.world, d.rank, d.device,
+                                   channels_last=self.channels_last)
         return evaluate(self.eval_model, loader, self.labels[split], len(self.classes), d.device,
                         autocast_for(self.precision, d.device), self.channels_last)
 
@@ -231,10 +245,13 @@ class Trainer:
             epoch, offset = divmod(self.images_seen, self.epoch_images)
             start = offset // self.global_batch
             self._maybe_unfreeze(epoch)
+            size = self.train_size(epoch)
             loader = build_train_loader(cfg.data, self.train_split, d.world, d.rank, cfg.train.seed, epoch,
-                                        start_step=start, device=d.device)
+                                        start_step=start, device=d.device, channels_last=self.channels_last,
+                                        image_size=size)
             n_steps = min(self.spe - start, math.ceil((self.total_images - self.images_seen) / self.global_batch))
-            desc = f"epoch {epoch + 1}/{math.ceil(self.total_images / self.epoch_images)}"
+            desc = f"epoch {epoch + 1}/{math.ceil(self.total_images / self.epoch_images)}" + (
+                f" @{size}px" if size != cfg.data.image_size else "")
             stats = train_one_epoch(self, loader, n_steps, start, desc, after_step=self._budget_step)
             train_time += stats.train_seconds
             images += stats.images

@@ -1,0 +1,87 @@
+"""Real trainer runs on a tiny ImageFolder: a time budget fixes the step count and the schedule ends at eta_min;
+a rerun with a changed lr/epochs resumes and honours them; a changed image size or class list refuses in one sentence;
+EMA weights are what best.pt holds for export."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import PY, ROOT, SMOKE_CONFIG, make_imagefolder, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def train(out, data, *sets, timeout=600):
+    cmd = [PY, "-m", "train", "--config", str(SMOKE_CONFIG), "--set", f"data.root={data}", "--set", f"output_dir={out}",
+           "--set", "metrics.enabled=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_time_budget_fixes_the_steps_and_ends_at_eta_min(tiny_imagefolder, tmp_path):
+    out = tmp_path / "budget"
+    r = train(out, tiny_imagefolder, "train.time_budget=40s", "train.epochs=1", "schedule.eta_min=0.0001",
+              "train.checkpoint_every_steps=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    b = report["budget"]
+    assert report["time_budget"] == "40s" and b["fixed"] and b["budget_seconds"] == 40
+    assert b["measured_steps_per_second"] > 0 and report["steps"] == b["total_steps"]
+    assert report["final_lr"] == pytest.approx(1e-4, rel=1e-9)
+    assert report["epochs"] == pytest.approx(report["images_seen"] / 48, abs=1e-3)
+    assert "time budget 40s: measured" in r.stderr
+    # A rerun keeps the fixed count: nothing left to train, only re-evaluated.
+    again = train(out, tiny_imagefolder, "train.time_budget=40s", "train.epochs=1", "schedule.eta_min=0.0001",
+                  "train.checkpoint_every_steps=0")
+    assert again.returncode == 0 and json.loads((out / "report.json").read_text())["steps"] == b["total_steps"]
+
+
+def test_resume_honours_a_lowered_lr_and_more_epochs(tiny_imagefolder, tmp_path):
+    out = tmp_path / "run"
+    first = train(out, tiny_imagefolder, "train.epochs=1", "optim.lr=0.002", "train.checkpoint_every_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = train(out, tiny_imagefolder, "train.epochs=2", "optim.lr=0.0005", "train.checkpoint_every_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "changed optim.lr (0.002 -> 0.0005)" in r.stderr
+    assert "changed train.epochs (1.0 -> 2.0)" in r.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    after = [x["lr"] for x in lines if "lr" in x and x["step"] > 12]
+    assert after and max(after) <= 0.0005 + 1e-12, "the checkpoint's optimizer state must not override the new lr"
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 24 and report["resumed"]
+
+
+@pytest.mark.parametrize("change, says", [("data.image_size=24", "data.image_size differs"),
+                                          ("model.se_reduction=8", "model differs"),
+                                          ("optim.name=sgd", "optim.name differs")])
+def test_resume_refuses_an_incompatible_config(tiny_imagefolder, tmp_path_factory, change, says):
+    out = tmp_path_factory.mktemp("refuse") / "run"
+    first = train(out, tiny_imagefolder, "train.max_steps=2", "train.checkpoint_every_steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    r = train(out, tiny_imagefolder, "train.max_steps=4", change)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and says in err and "train.resume=false" in err and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, "nothing lost or overwritten"
+
+
+def test_resume_refuses_a_different_class_list(tiny_imagefolder, tmp_path):
+    out = tmp_path / "run"
+    assert train(out, tiny_imagefolder, "train.max_steps=2").returncode == 0
+    other = make_imagefolder(tmp_path / "four", classes=4, counts=(8, 4, 4))
+    r = train(out, other, "train.max_steps=4")
+    assert r.returncode == 2 and "classes" in r.stderr and "train.resume=false" in r.stderr, r.stderr[-2000:]
+
+
+def test_ema_weights_are_checkpointed_for_export(tiny_imagefolder, tmp_path):
+    out = tmp_path / "ema"
+    r = train(out, tiny_imagefolder, "train.max_steps=4", "train.ema_decay=0.5", "train.checkpoint_every_steps=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert "train_model" in last, "raw weights kept for resume"
+    differs = [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, last["train_model"][k])]
+    assert differs, "best/last 'model' holds the EMA weights, not the raw ones"
+    assert json.loads((out / "report.json").read_text())["ema_decay"] == 0.5
