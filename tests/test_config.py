@@ -72,3 +72,28 @@ def test_busy_metrics_port_is_one_sentence(tiny_imagefolder, tmp_path):
                      "--set", f"output_dir={tmp_path}/o", "--set", f"metrics.port={port}")
     assert r.returncode == 2
     assert f"error: Cannot serve training metrics on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override, says", [
+    ("data.std=[0.2,0,0.2]", "data.std must be > 0"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("serve.preferred_batch_sizes=[8,64]", "preferred_batch_sizes [64]"),
+    ("deepspeed.extra={train_micro_batch_size_per_gpu: 4}", "deepspeed.extra may not set train_micro_batch_size_per_gpu"),
+    ("deepspeed.extra={bf16: {enabled: true}}", "deepspeed.extra may not set bf16"),
+    ("data.progressive_min_size=300", "progressive_min_size"),
+    ("optim.lr_scaling=cubic", "optim.lr_scaling"),
+])
+def test_values_are_range_checked_in_one_sentence(override, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_yaml_on_off_for_channels_last():
+    assert load_config(None, ["train.channels_last=on"]).train.channels_last == "on"
+    assert load_config(None, ["train.channels_last=off"]).train.channels_last == "off"
+
+
+def test_deepspeed_extra_may_add_other_keys():
+    cfg = load_config(None, ["deepspeed.extra={gradient_clipping: 1.0}"])
+    assert cfg.deepspeed.extra == {"gradient_clipping": 1.0}

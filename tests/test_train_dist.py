@@ -1,5 +1,6 @@
 """Real torchrun runs: DDP (gloo) over 2 ranks, DeepSpeed ZeRO-1/2 bf16, metrics scraped live, SIGKILL + resume."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -178,3 +179,19 @@ def test_zero_stage_3_is_refused_in_one_sentence(tiny_imagefolder, tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 2 and "deepspeed.zero_stage=3 is not supported" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_ddp_gradient_compression_hook_trains(tiny_imagefolder, tmp_path):
+    """train.grad_compression=fp16 registers DDP's fp16 all-reduce hook (default_hooks.fp16_compress_hook): ranks stay
+    identical and the loss is finite."""
+    out = tmp_path / "fp16hook"
+    r = subprocess.run(torchrun_cmd(2, out, tiny_imagefolder, "train.grad_compression=fp16", "train.max_steps=3",
+                                    "metrics.port=0", "train.checkpoint_every_steps=0"),
+                       env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    p0 = torch.load(out / "params-rank0.pt", weights_only=True)
+    p1 = torch.load(out / "params-rank1.pt", weights_only=True)
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert lines and all(math.isfinite(x["loss"]) for x in lines)
