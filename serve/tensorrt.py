@@ -161,6 +161,29 @@ def init_container_script(onnx_path: str = "/repository/se_resnet50/1/model.onnx
     return script_with_block(BUILD_PLANS_SCRIPT.read_text())
 
 
+_PERF_LINES = {"Throughput": "throughput_qps", "Latency": "latency_ms", "GPU Compute Time": "gpu_compute_ms"}
+
+
+def parse_trtexec_perf(text: str) -> dict:
+    """The performance summary of a ``trtexec --loadEngine`` run: throughput (batches/s) and latency stats (ms)."""
+    import re
+
+    out: dict = {}
+    for line in text.splitlines():
+        m = re.search(r"\] (Throughput|Latency|GPU Compute Time): (.*)$", line)
+        if not m:
+            continue
+        key, rest = _PERF_LINES[m[1]], m[2]
+        if key == "throughput_qps":
+            out[key] = float(rest.split()[0])
+        else:
+            out[key] = {k.replace("percentile(", "p").rstrip("%)"): float(v)
+                        for k, v in re.findall(r"([a-z]+|percentile\(\d+(?:\.\d+)?%\)) = ([\d.eE+-]+) ms", rest)}
+    if "throughput_qps" not in out or "latency_ms" not in out:
+        raise ServeError("trtexec printed no performance summary (Throughput/Latency lines); see its log.")
+    return out
+
+
 def _require_tensorrt():
     try:
         import tensorrt as trt  # noqa: F401
@@ -235,8 +258,21 @@ def main(argv=None) -> int:
     ap.add_argument("--preferred", type=int, nargs="*", default=[])
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--trtexec", default="trtexec")
+    ap.add_argument("--print-verify", metavar="PLAN", help="print the max-batch load check of PLAN (--max-batch, --image-size)")
+    ap.add_argument("--print-image-size", metavar="ONNX", help="print the input image size of ONNX")
+    ap.add_argument("--parse-perf", metavar="LOG", help="print a trtexec log's performance summary as JSON")
     a = ap.parse_args(argv)
     try:
+        if a.print_image_size:
+            print(onnx_image_size(a.print_image_size))
+            return 0
+        if a.print_verify:
+            s = a.image_size or 224
+            print(shlex.join(verify_command(a.print_verify, a.max_batch, f"3x{s}x{s}", trtexec=a.trtexec)))
+            return 0
+        if a.parse_perf:
+            print(json.dumps(parse_trtexec_perf(Path(a.parse_perf).read_text())))
+            return 0
         if a.print_command:
             mn, opt, mx = plan_profile(a.max_batch, a.preferred)
             print(shlex.join(trtexec_command(a.print_command, a.plan, a.precision, mn, opt, mx, a.image_size,

@@ -278,3 +278,56 @@ def test_int8_needs_a_qdq_onnx_and_no_calibration(tmp_path):
         trt_recipe.trtexec_command(qdq, "p.plan", "int8", 1, 8, 32, calib_cache="c.cache")
     cmd = trt_recipe.trtexec_command(qdq, "p.plan", "int8", 1, 8, 32)
     assert "--int8" in cmd and not any(c.startswith("--calib") for c in cmd) and "--maxShapes=input:32x3x32x32" in cmd
+
+
+# ---------------------------------------------------------------- scripts/gpu_serving_check.sh (CPU-safe parts)
+
+GPU_CHECK = ROOT / "scripts" / "gpu_serving_check.sh"
+TRTEXEC_LOG = """[11/29/2026-05:00:00] [I] === Performance summary ===
+[11/29/2026-05:00:00] [I] Throughput: 1523.41 qps
+[11/29/2026-05:00:00] [I] Latency: min = 0.61 ms, max = 1.9 ms, mean = 0.65 ms, median = 0.64 ms, percentile(90%) = 0.67 ms, percentile(95%) = 0.69 ms, percentile(99%) = 0.83 ms
+[11/29/2026-05:00:00] [I] GPU Compute Time: min = 0.6 ms, max = 1.8 ms, mean = 0.63 ms, median = 0.62 ms, percentile(90%) = 0.65 ms, percentile(95%) = 0.66 ms, percentile(99%) = 0.8 ms
+"""
+
+
+def test_gpu_check_script_dry_run_renders_the_recipe(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    def save(path, op):
+        node = helper.make_node(op, ["input"] + (["s"] if op == "QuantizeLinear" else []), ["probabilities"])
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 3, 32, 32])])
+        onnx.save(helper.make_model(g), path)
+
+    save(tmp_path / "model.onnx", "Relu")
+    save(tmp_path / "model.int8.onnx", "QuantizeLinear")
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    env = dict(os.environ, PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin")
+    r = subprocess.run(["bash", str(GPU_CHECK), "--onnx", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "out"),
+                        "--batches", "1 8 16", "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cmds = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    out = tmp_path / "out"
+    fp16 = trt_recipe.trtexec_command(tmp_path / "model.onnx", out / "model.fp16.plan", "fp16", 1, 16, 16)
+    int8 = trt_recipe.trtexec_command(tmp_path / "model.int8.onnx", out / "model.int8.plan", "int8", 1, 16, 16)
+    assert fp16 in cmds and int8 in cmds
+    assert trt_recipe.verify_command(out / "model.int8.plan", 16, "3x32x32") in cmds
+    compare = [c for c in cmds if c[:2] == ["polygraphy", "run"] and "--trt" in c]
+    assert len(compare) == 2 and all("--load-outputs" in c and "--atol" in c for c in compare)
+    timing = [c for c in cmds if any(a.startswith("--shapes=") for a in c) and "--duration=10" in c]
+    assert sorted(a for c in timing for a in c if a.startswith("--shapes=")) == sorted(
+        [f"--shapes=input:{b}x3x32x32" for b in (1, 8, 16)] * 2)
+    # Mistakes end in one sentence and exit 2.
+    for args, msg in ((["--bogus"], "unknown argument '--bogus'"), (["--onnx", str(tmp_path / "nope.onnx")], "does not exist"),
+                      (["--onnx", str(tmp_path / "model.onnx"), "--batches", "0 8"], "--batches must be positive integers")):
+        r = subprocess.run(["bash", str(GPU_CHECK), *args, "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_trtexec_performance_summary_is_parsed(tmp_path):
+    perf = trt_recipe.parse_trtexec_perf(TRTEXEC_LOG)
+    assert perf["throughput_qps"] == 1523.41 and perf["latency_ms"]["p99"] == 0.83 and perf["gpu_compute_ms"]["median"] == 0.62
+    from serve.errors import ServeError
+    with pytest.raises(ServeError, match="no performance summary"):
+        trt_recipe.parse_trtexec_perf("[E] Error: engine deserialization failed")
