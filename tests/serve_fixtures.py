@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from serve.samples import DEMO_CLASSES as CLASSES
@@ -58,3 +59,22 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if got == labels:
                 return float(m.group(2))
     return 0.0
+
+
+MAX_PIXELS = 1_000_000           # small decode limit: a 1100x1000 PNG stands in for a decompression bomb (Pillow's own is 89 Mpx)
+MAX_REQUEST_BYTES = 3_000_000    # small per-request byte cap: two 1.6 MB rows exceed it
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """One real tritonserver for the serving test modules: CPU repository of a random checkpoint (small limits)."""
+    from serve.repository import write_model_repository
+    from serve.samples import sample_image_bytes
+    from serve.server import TritonServer
+
+    d = tmp_path_factory.mktemp("triton")
+    ckpt = make_checkpoint(d / "ckpt", [f"serve.max_image_pixels={MAX_PIXELS}"])
+    repo = write_model_repository(ckpt, d / "repo", "cpu", max_request_bytes=MAX_REQUEST_BYTES)
+    images = sample_image_bytes()
+    with TritonServer(repo, ready_timeout=240) as server:
+        yield {"server": server, "ckpt": ckpt, "repo": repo, "images": images, "dir": d}

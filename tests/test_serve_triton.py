@@ -1,4 +1,5 @@
-"""Against a real tritonserver (one per module, free ports on 127.0.0.1): anti-skew, protocol parity with PyTorch, bad requests, metrics, clients."""
+"""Against a real tritonserver (one per session, free ports on 127.0.0.1): anti-skew, protocol parity with PyTorch,
+bad requests (alone and batched with good ones), rejection and NaN metrics, clients and their preflight checks."""
 from __future__ import annotations
 
 import io
@@ -13,25 +14,11 @@ import numpy as np
 import pytest
 
 from serve.errors import ServeError
-from tests.serve_fixtures import CLASSES, big_png, make_checkpoint, reference_probabilities
+from tests.serve_fixtures import (CLASSES, MAX_REQUEST_BYTES, big_png, gif_bytes, metric_value, reference_probabilities,
+                                  served)  # noqa: F401 - `served`: the session's tritonserver fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-MAX_PIXELS = 1_000_000  # small decode limit so a 1100x1000 PNG stands in for a decompression bomb
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from serve.repository import write_model_repository
-    from serve.samples import sample_image_bytes
-    from serve.server import TritonServer
-
-    d = tmp_path_factory.mktemp("triton")
-    ckpt = make_checkpoint(d / "ckpt", [f"serve.max_image_pixels={MAX_PIXELS}"])
-    repo = write_model_repository(ckpt, d / "repo", "cpu")
-    images = sample_image_bytes()
-    with TritonServer(repo, ready_timeout=240) as server:
-        yield {"server": server, "ckpt": ckpt, "repo": repo, "images": images, "dir": d}
 
 
 def _grpc(server):
@@ -116,9 +103,13 @@ def test_bad_requests_fail_alone_with_clear_4xx(served, protocol):
     mod, client = (_grpc if protocol == "grpc" else _http)(server)
     u8 = lambda b: np.frombuffer(b, np.uint8)[None]  # noqa: E731
     cases = {
-        "not an image": (u8(b"this is certainly not a JPEG file" * 10), "UINT8", "not a decodable image"),
+        "not an image": (u8(b"this is certainly not a JPEG file" * 10), "UINT8", "preprocess accepts JPEG and PNG only"),
+        "gif (decodable, not accepted)": (u8(gif_bytes()), "UINT8", "preprocess accepts JPEG and PNG only"),
+        "jpeg magic, no image": (u8(b"\xff\xd8\xff" + bytes(2000)), "UINT8", "not a decodable image"),
         "truncated jpeg": (u8(_truncated_jpeg(images)), "UINT8", "not a decodable image"),
-        "decompression bomb": (u8(big_png(1100, 1000)), "UINT8", "over the limit of 1000000"),
+        # Our limit (1 Mpx here), far below Pillow's 89 Mpx: the message is ours.
+        "decompression bomb": (u8(big_png(1100, 1000)), "UINT8", "1100x1000 = 1100000 pixels, over the limit of 1000000"),
+        "request over the byte cap": (np.zeros((2, 1_600_000), np.uint8), "UINT8", f"over the per-request limit of {MAX_REQUEST_BYTES}"),
         "wrong dtype": (np.zeros((1, 100), np.float32), "FP32", "data-type"),
         "wrong shape": (np.zeros((1, 4, 5), np.uint8), "UINT8", "shape"),
         "batch over max": (np.zeros((33, 100), np.uint8), "UINT8", "batch-size must be <= 32"),
@@ -253,3 +244,124 @@ def test_dead_python_stub_fails_fast_with_clear_message(tmp_path):
     with pytest.raises(ServeError, match="could not load a model|exited with code") as info:
         TritonServer(tmp_path / "repo", ready_timeout=90).start()
     assert "module_that_does_not_exist" in str(info.value)
+
+
+def _stats(client, model: str) -> tuple[int, int]:
+    """(executions, requests) of a model from Triton's statistics extension (proto3 JSON omits zeros). The python
+    backend counts a request answered with an error response under `success` too, so requests = success + fail."""
+    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    st = s.get("inference_stats", {})
+    return int(s.get("execution_count", 0)), sum(int(st.get(k, {}).get("count", 0)) for k in ("success", "fail"))
+
+
+def test_bad_request_batched_with_good_ones_fails_alone(served):
+    """Eight requests of the same byte length (so Triton may batch them) sent at once, one bad: when they meet in ONE
+    preprocess execution (statistics prove it), the bad one fails with its 4xx and the seven good ones are answered."""
+    import tritonclient.grpc as g
+    from tritonclient.utils import InferenceServerException
+
+    server, good = served["server"], served["images"]["chelsea.jpg"]
+    ref, _ = reference_probabilities(served["ckpt"], [good])
+    bads = {"format": bytes(np.random.default_rng(0).integers(0, 256, len(good), dtype=np.uint8)[1:].tobytes() + b"x"),
+            "decode": b"\xff\xd8\xff" + bytes(len(good) - 3)}
+    stats_client = g.InferenceServerClient(server.grpc_url)
+    clients = [g.InferenceServerClient(server.grpc_url) for _ in range(8)]
+    for kind, bad in bads.items():
+        assert len(bad) == len(good)
+        rounds = []
+        for _ in range(15):
+            payloads, results, barrier = [bad] + [good] * 7, [None] * 8, threading.Barrier(8)
+
+            def send(i):
+                barrier.wait()
+                try:
+                    results[i] = _infer(g, clients[i], "classify", "image", np.frombuffer(payloads[i], np.uint8)[None], "UINT8")
+                except InferenceServerException as err:
+                    results[i] = err
+
+            before = _stats(stats_client, "preprocess")
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            after = _stats(stats_client, "preprocess")
+            err = results[0]
+            assert isinstance(err, InferenceServerException) and str(err.status()) == "StatusCode.INVALID_ARGUMENT", (kind, err)
+            assert ("accepts JPEG and PNG only" if kind == "format" else "not a decodable image") in str(err)
+            for r in results[1:]:
+                assert not isinstance(r, Exception), (kind, r)
+                np.testing.assert_allclose(r[0], ref[0], atol=1e-4)
+            rounds.append((after[0] - before[0], after[1] - before[1]))
+            if rounds[-1] == (1, 8):  # eight requests, one execution: all eight were in one batch
+                break
+        assert rounds[-1] == (1, 8), (kind, "(executions, requests) per round", rounds)
+        print(f"\n{kind}: batched with 7 good requests in round {len(rounds)}: {rounds}")
+
+
+def test_rejections_are_counted_by_reason(served):
+    """Client input refused by preprocess lands in seresnet_preprocess_rejected_total{reason} (never a server-error metric)."""
+    from tritonclient.utils import InferenceServerException
+
+    from serve.contract import REJECTED_METRIC
+
+    server = served["server"]
+    g, client = _grpc(server)
+    u8 = lambda b: np.frombuffer(b, np.uint8)[None]  # noqa: E731
+    sent = {"format": u8(gif_bytes()), "decode": u8(b"\xff\xd8\xff" + bytes(500)), "pixels": u8(big_png(1100, 1000)),
+            "request_bytes": np.zeros((2, 1_600_000), np.uint8), "shape": np.zeros((1, 0), np.uint8)}
+    before = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for reason, arr in sent.items():
+        with pytest.raises(InferenceServerException):
+            _infer(g, client, "classify", "image", arr, "UINT8")
+    after = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for reason in sent:
+        delta = metric_value(after, REJECTED_METRIC, reason=reason) - metric_value(before, REJECTED_METRIC, reason=reason)
+        assert delta == 1, (reason, delta)
+    assert metric_value(after, REJECTED_METRIC, reason="image_bytes") == metric_value(before, REJECTED_METRIC, reason="image_bytes")
+
+
+def test_nan_input_never_poisons_the_confidence_histogram(served):
+    import math
+
+    from serve.contract import CONFIDENCE_METRIC, NONFINITE_METRIC
+    from serve.export import eval_batch, load_checkpoint
+
+    server = served["server"]
+    g, client = _grpc(server)
+    _, cfg, _ = load_checkpoint(served["ckpt"])
+    good = eval_batch([served["images"]["chelsea.jpg"]], cfg).numpy()
+    batch = np.concatenate([good, np.full_like(good, np.nan)])
+    scrape = lambda: urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()  # noqa: E731
+    before = scrape()
+    probs = _infer(g, client, "se_resnet50", "input", batch, "FP32")
+    assert np.isfinite(probs[0]).all() and np.isnan(probs[1]).all()
+    after = scrape()
+    m = {"model": "se_resnet50"}
+    assert metric_value(after, f"{CONFIDENCE_METRIC}_count", **m) - metric_value(before, f"{CONFIDENCE_METRIC}_count", **m) == 1
+    assert metric_value(after, NONFINITE_METRIC, **m) - metric_value(before, NONFINITE_METRIC, **m) == 1
+    total = metric_value(after, f"{CONFIDENCE_METRIC}_sum", **m)
+    assert math.isfinite(total) and abs(total - metric_value(before, f"{CONFIDENCE_METRIC}_sum", **m) - float(probs[0].max())) < 1e-4
+
+
+def test_classify_checks_server_model_and_k_before_sending(served, tmp_path, capsys):
+    from serve.__main__ import main
+    from serve.samples import write_sample_images
+    from serve.server import free_port
+
+    server = served["server"]
+    write_sample_images(tmp_path / "imgs")
+    g, client = _grpc(server)
+    before = _stats(client, "classify")
+    cases = [
+        (["--url", server.grpc_url, "-k", "11"], "-k 11 is out of range: model 'classify' has 10 classes; pass -k between 1 and 10."),
+        (["--url", server.http_url, "--protocol", "http", "-k", "0"], "-k 0 is out of range"),
+        (["--url", server.grpc_url, "--model", "se_resnet50"], "model 'se_resnet50' takes input FP32, not encoded images"),
+        (["--url", server.http_url, "--protocol", "http", "--model", "nope"], "model 'nope' is not ready"),
+        (["--url", f"127.0.0.1:{free_port()}", "--max-attempts", "2"], "cannot reach a Triton server at 127.0.0.1:"),
+    ]
+    for args, needle in cases:
+        rc = main(["classify", "--no-progress", *args, str(tmp_path / "imgs")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and len(err.splitlines()) == 1, (args, err)
+    assert _stats(client, "classify") == before  # refused before any image was sent
