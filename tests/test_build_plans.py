@@ -199,6 +199,12 @@ def test_truncated_or_failed_builds_are_refused_and_never_cached(plans):
         assert not list(plans.cache.rglob("*.plan*")) and not list(plans.cache.rglob(".tmp.*"))
 
 
+def test_int8_without_qdq_nodes_is_not_built(plans):
+    e, dst = plans.env(PLAN_PRECISION="int8")
+    r = plans.run(e)
+    assert "has no DequantizeLinear nodes" in r.stdout and not plans.builds() and _served(dst)["onnx"]
+
+
 def test_a_plan_below_the_config_max_batch_is_refused_before_the_swap(plans):
     e, dst = plans.env(FAKE_TRTEXEC_CAP=32)          # the engine ends up with max batch 32, config says 64
     r = plans.run(e)

@@ -158,6 +158,10 @@ for model in $MODELS; do
   dir="$DST/$model"
   onnx="$dir/1/model.onnx"
   if [ ! -f "$onnx" ]; then failed "$model" "no $onnx in the shipped repository"; continue; fi
+  # int8 is explicit (Q/DQ) only: without Q/DQ nodes trtexec --int8 uses dummy ranges (op types are plain strings in the protobuf).
+  if [ "$PRECISION" = int8 ] && ! grep -q "DequantizeLinear" "$onnx"; then
+    failed "$model" "PLAN_PRECISION=int8 needs a Q/DQ ONNX (python -m serve quantize) and $onnx has no DequantizeLinear nodes"; continue
+  fi
   # Input name and per-sample dims from config.pbtxt's first input block, in either text-format style:
   #   input { name: "input" ... dims: 3 dims: 224 dims: 224 }   or   input [ { name: "x" dims: [ 3, 224, 224 ] } ]
   read -r input dims <<EOF_AWK
