@@ -19,8 +19,6 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_launch_local_two_processes_trains(engine, tmp_path, tiny_imagefolder):
-    if not (ROOT / "train" / "__main__.py").exists():
-        pytest.skip("the trainer (train/__main__.py) is not there yet")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch", "local", "--nproc", "2", "--engine", engine, "--",
            "--config", str(SMOKE_CONFIG), "--set", f"data.root={tiny_imagefolder}", "--set", f"output_dir={out}",
