@@ -98,8 +98,17 @@ def build_multinode_argv(nnodes: str, nproc_per_node: int, rdzv_endpoint: str, r
 
 
 def launch_env(base: Optional[dict] = None) -> dict:
-    """Environment for the launched ranks: the repo importable, and one shared DeepSpeed extension cache."""
+    """Environment for the launched ranks: the repo importable, one shared DeepSpeed extension cache, and the
+    rendezvous store not shared with the workers (so elastic jobs can grow back)."""
     env = dict(os.environ if base is None else base)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    # Elastic scale-up: with the agent's TCPStore shared with the workers (torch's default since 2.5), a node
+    # that joins in a later round waits for MASTER_ADDR under that round's prefix, but rank 0 writes it only in
+    # its own first round (RendezvousStoreInfo.build is skipped once it holds a store server: torch/distributed/
+    # elastic/rendezvous/dynamic_rendezvous.py, next_rendezvous) -> "wait timeout ... MASTER_ADDR" on both nodes
+    # and the job dies instead of growing back. Opting out builds fresh store info every round
+    # (pytorch/pytorch#135712: the shared store is not compatible with torchelastic restarts). Proven by
+    # tests/test_multinode.py (a node killed and restarted rejoins).
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
