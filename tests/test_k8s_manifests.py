@@ -308,6 +308,8 @@ def test_pytorchjob_overlays_run_torchrun_with_the_engine(rendered, engine):
     assert c["args"][:5] == [f"--nproc-per-node={gpus}", "-m", "train", "--config", "/etc/seresnet/config.yaml"]
     assert c["args"][-2:] == ["--set", f"engine={engine}"]
     assert "deepspeed" not in c["command"]
+    # torchrun runs directly in the pod: the elastic rejoin fix of launch_env must be in the pod's env too.
+    assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in c["env"]
     assert job["spec"]["nprocPerNode"] == gpus
     ep = job["spec"]["elasticPolicy"]
     assert ep["rdzvBackend"] == "c10d" and ep["minReplicas"] <= ep["maxReplicas"] and "maxRestarts" in ep

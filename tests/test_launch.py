@@ -58,6 +58,16 @@ def test_parse_endpoint_rejects(bad):
         parse_endpoint(bad)
 
 
+def test_launch_env_keeps_the_rendezvous_store_out_of_the_workers():
+    """A node that rejoins an elastic job needs fresh store info each round (pytorch/pytorch#135712);
+    tests/test_multinode.py proves the rejoin, this keeps the setting (and lets a user override it)."""
+    from launch.torchrun import launch_env
+
+    assert launch_env({})["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert launch_env({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"})["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
+    assert str(ROOT) in launch_env({})["PYTHONPATH"].split(":")
+
+
 def test_trainer_args_strip_a_leading_separator():
     assert trainer_args(["--", "--config", "x"], None) == ["--config", "x"]
 
