@@ -126,7 +126,7 @@ def drift(fp32: np.ndarray, int8: np.ndarray, labels: Optional[np.ndarray] = Non
 
 def quantize_int8(onnx_in: Path, onnx_out: Path, calibration_images: list[Path], spec, n: int = 256, *,
                   validation_images: Optional[Sequence[Path]] = None, classes: Optional[Sequence[str]] = None,
-                  activations: str = "int8", method: str = "minmax", seed: int = 0,
+                  activations: str = "int8", method: str = "minmax", reduce_range: bool = True, seed: int = 0,
                   max_disagreement: float = MAX_TOP1_DISAGREEMENT, max_accuracy_drop: float = MAX_ACCURACY_DROP) -> dict:
     """Write ``onnx_out``: a static QDQ int8 model calibrated on ``n`` of ``calibration_images`` (training images).
 
@@ -166,13 +166,14 @@ def quantize_int8(onnx_in: Path, onnx_out: Path, calibration_images: list[Path],
         act = QuantType.QInt8 if activations == "int8" else QuantType.QUInt8
         quantize_static(
             str(prepped), str(onnx_out), _Reader(x_cal), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANT_OPS,
-            per_channel=True, activation_type=act, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+            per_channel=True, reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8, calibrate_method=methods[method],
             # Symmetric activations (zero point 0) for TensorRT; weights are symmetric by default for QInt8.
             extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
         )
     seconds = time.perf_counter() - t0
     onnx.checker.check_model(str(onnx_out))
     report = {"onnx_fp32": str(onnx_in), "onnx_int8": str(onnx_out), "activations": activations, "method": method,
+              "reduce_range": reduce_range,
               "calibration_images": len(calib), "quantize_seconds": round(seconds, 2),
               "fp32_bytes": onnx_in.stat().st_size, "int8_bytes": onnx_out.stat().st_size}
     report["size_ratio"] = report["int8_bytes"] / report["fp32_bytes"]

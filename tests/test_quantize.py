@@ -1,0 +1,126 @@
+"""serve.quantize: static QDQ int8 of a small real model trained here on real PNGs (the ops of SE-ResNet50: Conv/BN/
+ReLU, residual Add, a squeeze-excitation block, Gemm, Softmax), calibrated through the project's eval transform."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from serve.contract import INPUT_NAME, OUTPUT_NAME
+from serve.errors import ServeError
+from serve.export import WithSoftmax
+from serve.quantize import eval_spec, pixels, predict, quantize_int8, session
+from tests.conftest import make_imagefolder
+
+SPEC = {"eval": {"image_size": 32, "eval_resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "classes": ["circle", "square", "triangle", "cross"]}
+
+
+class TinySE(nn.Module):
+    """Stem conv, one SE bottleneck-style residual block, pool, linear head: ~0.4 M parameters."""
+
+    def __init__(self, classes: int = 4, width: int = 96):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, width // 4, 1), nn.ReLU(),
+                                nn.Conv2d(width // 4, width, 1), nn.Sigmoid())
+        self.head = nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(2 * width, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.body(x)
+        return self.head(torch.relu(x + y * self.se(y)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(fp32 ONNX, image folder): TinySE trained ~10 s on 4 classes of drawn shapes, exported with softmax."""
+    root = make_imagefolder(tmp_path_factory.mktemp("q") / "images", classes=4, counts=(48, 24, 24), size=40)
+    files = sorted((root / "train").rglob("*.png"))
+    x = torch.from_numpy(pixels(files, SPEC))
+    y = torch.tensor([SPEC["classes"].index(p.parent.name) for p in files])
+    torch.manual_seed(0)
+    model = TinySE()
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    for _ in range(12):
+        for i in torch.randperm(len(x)).split(32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+    out = root.parent / "model.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(WithSoftmax(model).eval(), (x[:2],), str(out), dynamo=False, opset_version=17,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    return out, root
+
+
+def test_static_qdq_int8_is_symmetric_small_and_agrees_with_fp32(trained, tmp_path):
+    fp32, root = trained
+    train = sorted((root / "train").rglob("*.png"))
+    held_out = sorted((root / "val").rglob("*.png")) + sorted((root / "test").rglob("*.png"))
+    out = tmp_path / "model.int8.onnx"
+    report = quantize_int8(fp32, out, train, SPEC, n=128, validation_images=held_out)
+
+    # Q/DQ around every Conv: data input and weight both come from DequantizeLinear, and the Gemm too.
+    g = onnx.load(str(out)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    for n in g.node:
+        if n.op_type in ("Conv", "Gemm"):
+            assert producer.get(n.input[0]) == "DequantizeLinear" and producer.get(n.input[1]) == "DequantizeLinear", n.name
+    assert report["qdq_nodes"]["Conv_int8"] == report["qdq_nodes"]["Conv"] == 5
+    # TensorRT imports only symmetric signed int8 Q/DQ: every zero point is an int8 zero.
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    zps = [inits[n.input[2]] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and producer.get(n.input[0]) == "Softmax" for n in g.node)
+    # Weights stored as int8 with per-channel scales: the file shrinks ~4x.
+    assert report["size_ratio"] < 0.35, report["size_ratio"]
+    # ONNX Runtime runs it; fp32 learnt the task and int8 keeps its answers.
+    v = report["validation"]
+    assert v["images"] == len(held_out) == 192
+    assert v["fp32_top1"] >= 0.9, v
+    assert v["top1_disagreement"] <= 0.03 and v["top1_drop_points"] <= 2.0, v
+    x = pixels(held_out[:5], SPEC)
+    p8 = predict(session(out), x)
+    assert p8.shape == (5, 4) and np.allclose(p8.sum(1), 1, atol=1e-3)
+    assert (out.parent / "model.int8_report.json").is_file()
+
+
+def test_uint8_activation_variant_and_calibration_sampling(trained, tmp_path):
+    fp32, root = trained
+    train = sorted((root / "train").rglob("*.png"))
+    r = quantize_int8(fp32, tmp_path / "u8.onnx", train, SPEC, n=16, activations="uint8")
+    assert r["calibration_images"] == 16 and r["activations"] == "uint8"
+    assert r["validation"]["images"] == len(train) - 16  # default validation: training images not drawn for calibration
+    g = onnx.load(str(tmp_path / "u8.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    assert any(inits[n.input[2]].dtype == np.uint8 for n in g.node if n.op_type == "QuantizeLinear")
+
+
+def test_bounds_and_user_errors_are_one_sentence(trained, tmp_path):
+    fp32, root = trained
+    train = sorted((root / "train").rglob("*.png"))
+    with pytest.raises(ServeError, match="top-1 of"):
+        quantize_int8(fp32, tmp_path / "a.onnx", train, SPEC, n=8, max_disagreement=-1.0)
+    with pytest.raises(ServeError, match="does not exist; run 'python -m serve export' first"):
+        quantize_int8(tmp_path / "missing.onnx", tmp_path / "b.onnx", train, SPEC)
+    with pytest.raises(ServeError, match="needs training images"):
+        quantize_int8(fp32, tmp_path / "c.onnx", [], SPEC)
+    with pytest.raises(ServeError, match="activations must be"):
+        quantize_int8(fp32, tmp_path / "d.onnx", train, SPEC, activations="fp8")
+    with pytest.raises(ServeError, match="no usable eval transform"):
+        eval_spec({"eval": {"image_size": 32}})
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ServeError, match="cannot be used for int8 calibration"):
+        pixels([bad], SPEC)
+    assert eval_spec(SPEC) == eval_spec(SPEC["eval"])
