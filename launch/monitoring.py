@@ -103,7 +103,8 @@ def serving_dashboard():
             description="The HPA scales on the classifier's pending requests per pod through prometheus-adapter "
                         "(k8s/serving/base/hpa.yaml); the queue alert fires when queue/compute stays above 1."),
         _timeseries(g, "Failed classify requests by reason, and client rejections", [
-            (f"sum by (model, reason) (rate(nv_inference_request_failure{{{ens}}}[$__rate_interval]))", "{{model}} {{reason}}"),
+            # Triton 2.51 adds the failing composing model's failure to the ensemble's: 2 per failed request.
+            (f"sum by (model, reason) (rate(nv_inference_request_failure{{{ens}}}[$__rate_interval])) / 2", "{{model}} {{reason}}"),
             ("sum by (reason) (rate(seresnet_preprocess_rejected_total[$__rate_interval])) or vector(0)",
              "client image rejected: {{reason}}"),
         ], x=0, y=28, unit="reqps",

@@ -184,6 +184,17 @@ def test_every_dashboard_and_rule_expression_returns_data_from_live_triton_and_t
             raise AssertionError(f"{err}; missing: {all_present.missing}; scraped: "
                                  f"{sorted(prom.api('label/__name__/values')['data'])}") from None
         assert trainer.poll() is None, "the trainer must still run while its queries are evaluated"
+        # The one undecodable image is a client rejection: the client ratio sees it, the paging server ratio stays 0.
+        wait_for(lambda: prom.has_data("seresnet:triton_client_error_ratio:5m > 0"), 60,
+                 "the rejected image in seresnet:triton_client_error_ratio:5m (seresnet_preprocess_rejected_total)")
+        # Triton 2.51 counts the failed ensemble request twice (its own failure + the composing model's); the rules
+        # halve it. If an upgrade changes that, this fails before the alerts go wrong.
+        failures = prom.query('sum(nv_inference_request_failure{model="classify"})')["data"]["result"]
+        rejected = prom.query("sum(seresnet_preprocess_rejected_total)")["data"]["result"]
+        assert [float(r["value"][1]) for r in failures] == [2.0] and [float(r["value"][1]) for r in rejected] == [1.0], \
+            (failures, rejected)
+        server_ratio = [float(s["value"][1]) for s in prom.query("seresnet:triton_error_ratio:5m")["data"]["result"]]
+        assert server_ratio == [0.0], f"a bad client image counted as a server error: {server_ratio}"
 
         proven, evaluated_only, gpu_only, failures = {}, {}, [], []
 
