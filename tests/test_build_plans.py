@@ -164,6 +164,20 @@ def test_profile_and_argv_come_from_the_config_and_match_python(plans):
     assert out[:3] == ["1 16 64", "1 8 8", plan_filename("10.0")]
 
 
+def test_list_style_config_without_preferred_sizes(plans):
+    """config.pbtxt in the other text-format style (input [ { dims: [ ... ] } ], backend:) and no preferred sizes."""
+    cfg = plans.tmp / "models" / CLASSIFIER / "config.pbtxt"
+    cfg.write_text('name: "se_resnet50"\nbackend: "onnxruntime"\nmax_batch_size: 16\n'
+                   'input [\n  {\n    name: "x"\n    data_type: TYPE_FP32\n    dims: [ 3, 64, 64 ]\n  }\n]\n')
+    e, dst = plans.env()
+    r = plans.run(e)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (build,) = plans.builds()
+    assert "--optShapes=x:16x3x64x64" in build and "--maxShapes=x:16x3x64x64" in build and "--minShapes=x:1x3x64x64" in build
+    text = (dst / CLASSIFIER / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in text and "onnxruntime" not in text
+
+
 def test_concurrent_pods_build_once_and_never_cache_a_truncated_plan(plans):
     runs = [plans.env(FAKE_TRTEXEC_MODE="slow", FAKE_TRTEXEC_SLEEP=2) for _ in range(4)]
     procs = [subprocess.Popen(["/bin/sh", str(SCRIPT)], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
