@@ -78,3 +78,11 @@ def served(tmp_path_factory):
     images = sample_image_bytes()
     with TritonServer(repo, ready_timeout=240) as server:
         yield {"server": server, "ckpt": ckpt, "repo": repo, "images": images, "dir": d}
+
+
+def model_stats(client, model: str) -> tuple[int, int]:
+    """(executions, requests) of a model from Triton's statistics extension (proto3 JSON omits zeros). The python
+    backend counts a request answered with an error response under `success` too, so requests = success + fail."""
+    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    st = s.get("inference_stats", {})
+    return int(s.get("execution_count", 0)), sum(int(st.get(k, {}).get("count", 0)) for k in ("success", "fail"))

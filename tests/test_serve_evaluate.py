@@ -1,5 +1,6 @@
 """`serve evaluate` / serve.evaluate.evaluate_folder against the real tritonserver (the session's server): the scores
-equal what PyTorch's probabilities imply for a labelled folder, and the CLI writes report.json and the confusion PNG."""
+equal what PyTorch's probabilities imply for a labelled folder, and the CLI writes report.json and the confusion PNG.
+The clients' preflight (server reachable, model takes images, k in range) that evaluate and classify share."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from serve.errors import ServeError
-from tests.serve_fixtures import reference_probabilities, served  # noqa: F401 - `served`: the session's tritonserver
+from tests.serve_fixtures import model_stats, reference_probabilities, served  # noqa: F401 - `served`: the session's tritonserver
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -70,3 +71,28 @@ def test_evaluate_cli_over_http_and_unknown_class(served, labelled, tmp_path):
     (odd / "x.jpg").write_bytes(served["images"]["chelsea.jpg"])
     with pytest.raises(ServeError, match="folder classes unicorn are not among the model's classes"):
         evaluate_folder(served["server"].grpc_url, tmp_path / "odd", progress=False)
+
+
+def test_classify_checks_server_model_and_k_before_sending(served, tmp_path, capsys):
+    import tritonclient.grpc as g
+
+    from serve.__main__ import main
+    from serve.samples import write_sample_images
+    from serve.server import free_port
+
+    server = served["server"]
+    write_sample_images(tmp_path / "imgs")
+    client = g.InferenceServerClient(server.grpc_url)
+    before = model_stats(client, "classify")
+    cases = [
+        (["--url", server.grpc_url, "-k", "11"], "-k 11 is out of range: model 'classify' has 10 classes; pass -k between 1 and 10."),
+        (["--url", server.http_url, "--protocol", "http", "-k", "0"], "-k 0 is out of range"),
+        (["--url", server.grpc_url, "--model", "se_resnet50"], "model 'se_resnet50' takes input FP32, not encoded images"),
+        (["--url", server.http_url, "--protocol", "http", "--model", "nope"], "model 'nope' is not ready"),
+        (["--url", f"127.0.0.1:{free_port()}", "--max-attempts", "2"], "cannot reach a Triton server at 127.0.0.1:"),
+    ]
+    for args, needle in cases:
+        rc = main(["classify", "--no-progress", *args, str(tmp_path / "imgs")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and len(err.splitlines()) == 1, (args, err)
+    assert model_stats(client, "classify") == before  # refused before any image was sent

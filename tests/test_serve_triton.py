@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from serve.errors import ServeError
-from tests.serve_fixtures import (CLASSES, MAX_REQUEST_BYTES, big_png, gif_bytes, metric_value, reference_probabilities,
-                                  served)  # noqa: F401 - `served`: the session's tritonserver fixture
+from tests.serve_fixtures import (CLASSES, MAX_REQUEST_BYTES, big_png, gif_bytes, metric_value, model_stats,
+                                  reference_probabilities, served)  # noqa: F401 - `served`: the session's tritonserver fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -246,14 +246,6 @@ def test_dead_python_stub_fails_fast_with_clear_message(tmp_path):
     assert "module_that_does_not_exist" in str(info.value)
 
 
-def _stats(client, model: str) -> tuple[int, int]:
-    """(executions, requests) of a model from Triton's statistics extension (proto3 JSON omits zeros). The python
-    backend counts a request answered with an error response under `success` too, so requests = success + fail."""
-    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    st = s.get("inference_stats", {})
-    return int(s.get("execution_count", 0)), sum(int(st.get(k, {}).get("count", 0)) for k in ("success", "fail"))
-
-
 def test_bad_request_batched_with_good_ones_fails_alone(served):
     """Eight requests of the same byte length (so Triton may batch them) sent at once, one bad: when they meet in ONE
     preprocess execution (statistics prove it), the bad one fails with its 4xx and the seven good ones are answered."""
@@ -279,13 +271,13 @@ def test_bad_request_batched_with_good_ones_fails_alone(served):
                 except InferenceServerException as err:
                     results[i] = err
 
-            before = _stats(stats_client, "preprocess")
+            before = model_stats(stats_client, "preprocess")
             threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(60)
-            after = _stats(stats_client, "preprocess")
+            after = model_stats(stats_client, "preprocess")
             err = results[0]
             assert isinstance(err, InferenceServerException) and str(err.status()) == "StatusCode.INVALID_ARGUMENT", (kind, err)
             assert ("accepts JPEG and PNG only" if kind == "format" else "not a decodable image") in str(err)
@@ -342,26 +334,3 @@ def test_nan_input_never_poisons_the_confidence_histogram(served):
     assert metric_value(after, NONFINITE_METRIC, **m) - metric_value(before, NONFINITE_METRIC, **m) == 1
     total = metric_value(after, f"{CONFIDENCE_METRIC}_sum", **m)
     assert math.isfinite(total) and abs(total - metric_value(before, f"{CONFIDENCE_METRIC}_sum", **m) - float(probs[0].max())) < 1e-4
-
-
-def test_classify_checks_server_model_and_k_before_sending(served, tmp_path, capsys):
-    from serve.__main__ import main
-    from serve.samples import write_sample_images
-    from serve.server import free_port
-
-    server = served["server"]
-    write_sample_images(tmp_path / "imgs")
-    g, client = _grpc(server)
-    before = _stats(client, "classify")
-    cases = [
-        (["--url", server.grpc_url, "-k", "11"], "-k 11 is out of range: model 'classify' has 10 classes; pass -k between 1 and 10."),
-        (["--url", server.http_url, "--protocol", "http", "-k", "0"], "-k 0 is out of range"),
-        (["--url", server.grpc_url, "--model", "se_resnet50"], "model 'se_resnet50' takes input FP32, not encoded images"),
-        (["--url", server.http_url, "--protocol", "http", "--model", "nope"], "model 'nope' is not ready"),
-        (["--url", f"127.0.0.1:{free_port()}", "--max-attempts", "2"], "cannot reach a Triton server at 127.0.0.1:"),
-    ]
-    for args, needle in cases:
-        rc = main(["classify", "--no-progress", *args, str(tmp_path / "imgs")])
-        err = capsys.readouterr().err.strip()
-        assert rc == 2 and needle in err and len(err.splitlines()) == 1, (args, err)
-    assert _stats(client, "classify") == before  # refused before any image was sent

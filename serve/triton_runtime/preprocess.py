@@ -44,6 +44,7 @@ class TritonPythonModel:
     def _pixels(self, row: np.ndarray) -> np.ndarray:
         # Rows of one multi-image request are zero-padded to a common length; JPEG/PNG decoders ignore trailing bytes.
         data = row.tobytes()
+        self.sv.check_image_bytes(data, self.max_bytes)
         self.sv.image_format(data)
         try:
             img = self.decode(data, self.max_bytes, self.max_pixels)

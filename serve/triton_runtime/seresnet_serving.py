@@ -43,6 +43,12 @@ def read_json(args: dict, name: str) -> dict:
         return json.load(f)
 
 
+def check_image_bytes(data: bytes, max_bytes: int) -> None:
+    """The size limit first: an oversize body is refused for its size, whatever its first bytes are."""
+    if len(data) > max_bytes:
+        raise Rejected("image_bytes", f"encoded image is {len(data)} bytes, over the limit of {max_bytes}")
+
+
 def image_format(data: bytes) -> str:
     """'JPEG' or 'PNG' from the magic bytes; anything else is rejected before a decoder sees it."""
     for fmt, magic in MAGIC.items():
