@@ -7,6 +7,8 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
+from launch.k8s import add_arguments as add_k8s_arguments
+from launch.k8s import options_from_args, render_training_job
 from launch.torchrun import (ENGINES, LaunchError, build_local_argv, build_multinode_argv, launch_env)
 
 EPILOG = """examples:
@@ -14,7 +16,8 @@ EPILOG = """examples:
   python -m launch local --nproc 8 --engine deepspeed -- --config configs/demo.yaml
   python -m launch multinode --nnodes 2:4 --nproc-per-node 8 --rdzv-endpoint node0:29400 \\
       --rdzv-id run42 -- --config configs/demo.yaml          (run the same command on every node)
-  python -m launch k8s --config configs/demo.yaml --out runs/k8s/demo && kubectl apply -k runs/k8s/demo
+  python -m launch k8s --config configs/imagenet.yaml --out runs/k8s/imagenet && kubectl apply -k runs/k8s/imagenet
+  python -m launch preflight --config configs/imagenet.yaml --gpu-arch 7.0      (what a V100 job would do)
 """
 
 
@@ -74,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="Kubeflow PyTorchJob (default) or a plain batch/v1 Indexed Job for clusters without the operator")
     k8s.add_argument("--name", help="job name (default seresnet50-<engine>, or seresnet50-indexed)")
     k8s.add_argument("--data-root", default="/data", help="ImageFolder path inside the pod (the data PVC is mounted at /data)")
+    add_k8s_arguments(k8s)
     return ap
 
 
@@ -102,13 +106,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "k8s":
             if train_args:
                 raise LaunchError("`launch k8s` takes no trainer arguments after `--`; use --set KEY=VALUE.")
-            from launch.k8s import render_training_job
             from train.config import ConfigError, load_config
             try:
                 cfg = load_config(args.config, args.overrides)
             except ConfigError as err:
                 raise LaunchError(str(err)) from None
-            out = render_training_job(cfg, args.out, kind=args.kind, name=args.name, data_root=args.data_root)
+            out = render_training_job(cfg, args.out, kind=args.kind, name=args.name, data_root=args.data_root,
+                                      **options_from_args(args))
             print(f"wrote {out}/kustomization.yaml and {out}/train-config.yaml; apply with: kubectl apply -k {out}")
             return 0
         if args.command == "local":

