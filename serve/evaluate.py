@@ -51,7 +51,7 @@ def evaluate_folder(url: str, folder: str | Path, protocol: str = "grpc", out_di
     n_classes = clf.check(1)
     k = min(5, n_classes)
     # The model's label list, in index order: ask for every class once (the classification extension names them).
-    probe = _labels(clf, pairs[0][0], n_classes)
+    probe = _labels(clf, [p for p, _ in pairs], n_classes)
     unknown = sorted({c for _, c in pairs} - set(probe))
     if unknown:
         raise ServeError(f"folder classes {', '.join(unknown)} are not among the model's classes ({', '.join(probe)}); "
@@ -111,12 +111,21 @@ def evaluate_folder(url: str, folder: str | Path, protocol: str = "grpc", out_di
     return report
 
 
-def _labels(clf: TritonClassifier, image: Path, n_classes: int) -> list[str]:
-    top = clf.infer_array(np.frombuffer(image.read_bytes(), dtype=np.uint8)[None, :], k=n_classes)[0]
-    labels = [""] * n_classes
-    for p in top:
-        labels[p.index] = p.label
-    return labels
+def _labels(clf: TritonClassifier, images: list[Path], n_classes: int, tries: int = 20) -> list[str]:
+    """The served label list in index order, from a top-all answer for the first image the server accepts."""
+    from tritonclient.utils import InferenceServerException
+
+    for image in images[:tries]:
+        try:
+            top = clf.infer_array(np.frombuffer(image.read_bytes(), dtype=np.uint8)[None, :], k=n_classes)[0]
+        except (InferenceServerException, OSError):
+            continue
+        labels = [""] * n_classes
+        for p in top:
+            labels[p.index] = p.label
+        return labels
+    raise ServeError(f"none of the first {min(tries, len(images))} images was classified, so the model's labels are unknown; "
+                     "check the folder holds JPEG/PNG images.")
 
 
 def format_report(r: dict) -> str:

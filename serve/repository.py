@@ -255,6 +255,8 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
         raise ServeError(f"unknown target '{target}'; choose one of {', '.join(REPOSITORY_TARGETS)}.")
     if precision not in PRECISIONS:
         raise ServeError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    if not Path(source).exists():
+        raise ServeError(f"'{source}' does not exist; pass an export folder (python -m serve export) or a checkpoint.")
     if plan is not None and not Path(plan).is_file():
         raise ServeError(f"TensorRT plan '{plan}' does not exist; build it with 'python -m serve trt'.")
     with tempfile.TemporaryDirectory(prefix="seresnet-export-") as tmp:
