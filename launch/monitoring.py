@@ -128,6 +128,10 @@ def serving_dashboard():
             ("histogram_quantile(0.5, sum by (le, model) (rate(seresnet_prediction_confidence_bucket[$__rate_interval])))",
              "{{model}} median"),
         ], x=12, y=44, unit="percentunit", description="The drift alert fires when the 30m mean falls below 85% of the 1d mean."),
+        _timeseries(g, "Non-finite predictions (NaN/inf probabilities)", [
+            ("seresnet:nonfinite_predictions:rate5m", "{{model}}"),
+        ], x=0, y=60, w=24, h=6, unit="ops",
+            description="Kept out of the confidence histogram; any at all pages (PredictionsNotFinite)."),
         _timeseries(g, "Predicted class distribution", [
             ("sum by (class) (rate(seresnet_predicted_class_total[$__rate_interval]))", "{{class}}"),
         ], x=0, y=52, w=24, unit="ops", stacking={"mode": "percent", "group": "A"}, fillOpacity=60),

@@ -16,7 +16,7 @@ from launch.torchrun import REPO_ROOT
 PROMTOOL = Path(sys.executable).parent.parent / "tools" / "prometheus" / "usr" / "bin" / "promtool"
 RULE_TESTS = m.RULES_FILE.with_name("seresnet.rules.test.yaml")
 REQUIRED_ALERTS = {"TritonLatencyP99High", "TritonErrorRatioHigh", "TritonClientRejectionsHigh", "TritonQueueTimeGrowing",
-                   "TritonNoReadyPod", "TrainingThroughputStalled", "PredictionConfidenceDrift"}
+                   "TritonNoReadyPod", "TrainingThroughputStalled", "PredictionConfidenceDrift", "PredictionsNotFinite"}
 REQUEST_LEVEL = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_request_duration_us",
                  "nv_inference_request_summary_us")
 GPU_LEVEL = ("nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count")
@@ -107,7 +107,7 @@ def test_dashboards_cover_the_required_panels():
     s_exprs = " ".join(m.dashboard_expressions()["seresnet-serving.json"])
     t_exprs = " ".join(m.dashboard_expressions()["seresnet-training.json"])
     for q in ('quantile="0.5"', 'quantile="0.95"', 'quantile="0.99"', "nv_inference_count", "nv_inference_queue_duration_us",
-              "seresnet:triton_pending_requests", "seresnet_preprocess_rejected_total", "seresnet:triton_client_error_ratio:5m",
+              "seresnet:triton_pending_requests", "seresnet_preprocess_rejected_total", "seresnet:nonfinite_predictions:rate5m", "seresnet:triton_client_error_ratio:5m",
               "nv_inference_compute_infer_duration_us", "nv_inference_request_failure", "nv_gpu_utilization",
               "nv_gpu_memory_used_bytes", "seresnet_prediction_confidence_bucket", "seresnet_predicted_class_total"):
         assert q in s_exprs, q
