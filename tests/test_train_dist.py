@@ -131,17 +131,27 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(ddp_run, tiny_imagefolde
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("stage,optim", [(0, "sgd"), (1, "sgd"), (2, "sgd"), (0, "adamw"), (1, "adamw"), (2, "adamw")])
-def test_deepspeed_every_zero_stage_with_every_optimizer(tiny_imagefolder, tmp_path, stage, optim):
-    """Every optimizer the config offers under every ZeRO stage we offer (SGD needs zero_allow_untested_optimizer at
-    ZeRO >= 1), bf16 through DeepSpeed's torch_autocast: parameters and BatchNorm statistics stay fp32."""
-    out = tmp_path / "ds"
-    r = subprocess.run(torchrun_cmd(2, out, tiny_imagefolder, "engine=deepspeed", f"deepspeed.zero_stage={stage}",
-                                    f"optim.name={optim}", "optim.lr=0.01", "train.precision=bf16", "train.max_steps=3",
-                                    "metrics.port=0", "train.record_samples=true", "train.checkpoint_every_steps=0",
-                                    "train.channels_last=on"),
-                       env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+COMBOS = ["0-sgd", "1-sgd", "2-sgd", "0-adamw", "1-adamw", "2-adamw"]
+DS_SETS = ["engine=deepspeed", "optim.lr=0.01", "train.precision=bf16", "metrics.port=0", "train.record_samples=true",
+           "train.checkpoint_every_steps=0", "train.channels_last=on"]
+
+
+@pytest.fixture(scope="module")
+def ds_matrix(tiny_imagefolder, tmp_path_factory):
+    """Every optimizer the config offers under every ZeRO stage we offer, in one torchrun group (SGD needs
+    zero_allow_untested_optimizer at ZeRO >= 1); bf16 through DeepSpeed's torch_autocast."""
+    base = tmp_path_factory.mktemp("dsmatrix")
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "tests" / "ds_matrix_probe.py"),
+           str(SMOKE_CONFIG), str(base), ",".join(COMBOS), f"data.root={tiny_imagefolder}", "train.max_steps=3", *DS_SETS]
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return base
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_deepspeed_every_zero_stage_with_every_optimizer(ds_matrix, combo):
+    """Parameters and BatchNorm statistics stay fp32, ranks agree, shards are disjoint, best.pt holds full weights."""
+    out = ds_matrix / combo
     p0 = torch.load(out / "params-rank0.pt", weights_only=True)
     p1 = torch.load(out / "params-rank1.pt", weights_only=True)
     for k in p0:
@@ -153,23 +163,26 @@ def test_deepspeed_every_zero_stage_with_every_optimizer(tiny_imagefolder, tmp_p
     assert not set(rows[0]) & set(rows[1])
     report = json.loads((out / "report.json").read_text())
     assert report["engine"] == "deepspeed" and report["precision"] == "bf16" and report["world_size"] == 2
+    assert report["steps"] == 3 and math.isfinite(report["final_lr"])
     assert (out / "checkpoints" / "deepspeed" / "latest").exists()
     best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
     from train.config import load_config
     from train.models import create_model
-    cfg = load_config(SMOKE_CONFIG)
-    model = create_model(cfg.model, 3)
+    model = create_model(load_config(SMOKE_CONFIG).model, 3)
     model.load_state_dict(best["model"])   # full weights (ZeRO 1/2 partition optimizer state, not weights): exportable
     for k, v in best["model"].items():
         torch.testing.assert_close(v, p0[k], msg=k)
-    if stage == 2 and optim == "sgd":   # resume through DeepSpeed's own checkpoint (safe loader) and train on
-        r2 = subprocess.run(torchrun_cmd(2, out, tiny_imagefolder, "engine=deepspeed", f"deepspeed.zero_stage={stage}",
-                                         f"optim.name={optim}", "optim.lr=0.01", "train.precision=bf16",
-                                         "train.max_steps=5", "metrics.port=0", "train.checkpoint_every_steps=0"),
-                            env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert r2.returncode == 0, r2.stderr[-4000:]
-        assert "resuming from" in r2.stderr and "step 3 of 5" in r2.stderr, r2.stderr[-3000:]
-        assert json.loads((out / "report.json").read_text())["steps"] == 5
+
+
+def test_deepspeed_sgd_zero2_resumes_through_its_own_checkpoint(ds_matrix, tiny_imagefolder):
+    """DeepSpeed's checkpoint (loaded with our weights-only loader) resumes the SGD/ZeRO-2 run and trains on."""
+    out = ds_matrix / "2-sgd"
+    r = subprocess.run(torchrun_cmd(2, out, tiny_imagefolder, "deepspeed.zero_stage=2", "optim.name=sgd",
+                                    "train.max_steps=5", *DS_SETS), env=subprocess_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resuming from" in r.stderr and "step 3 of 5" in r.stderr, r.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["steps"] == 5
 
 
 def test_zero_stage_3_is_refused_in_one_sentence(tiny_imagefolder, tmp_path):
