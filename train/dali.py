@@ -110,16 +110,19 @@ def build_train_pipeline(data: DataConfig, source: _Source, seed: int, device: O
     j, r, size = data.jitter, data.rotate_deg, image_size or data.image_size
 
     @pipeline_def(batch_size=data.batch_size, num_threads=_threads(data), device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, enable_conditionals=r > 0 and decode_device == "cpu")
     def pipe():
         encoded, index = _source_node(source)
         images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
                                                random_area=[data.scale_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                                                **_decoder_kwargs(decode_device))
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-        if r > 0:
-            images = fn.rotate(images, angle=fn.random.uniform(range=(-r, r)), keep_size=True, fill_value=0,
-                               interp_type=types.INTERP_LINEAR)
+        if r > 0 and decode_device == "cpu":
+            images = _resize_rotate_fused(images, size, fn.random.uniform(range=(-r, r)))
+        else:
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            if r > 0:
+                images = fn.rotate(images, angle=fn.random.uniform(range=(-r, r)), keep_size=True, fill_value=0,
+                                   interp_type=types.INTERP_LINEAR)
         if j > 0:
             images = fn.color_twist(images, brightness=fn.random.uniform(range=(1 - j, 1 + j)),
                                     contrast=fn.random.uniform(range=(1 - j, 1 + j)),
@@ -128,6 +131,29 @@ def build_train_pipeline(data: DataConfig, source: _Source, seed: int, device: O
         return images, index
 
     return pipe()
+
+
+def _resize_rotate_fused(images, size: int, angle):
+    """Resize to size x size and rotate by ``angle`` about the centre in ONE bilinear warp (CPU pipeline; needs a
+    pipeline with enable_conditionals=True).
+
+    Measured per 224 px image on this 2-core AVX2 CPU (batch 32, 2 threads, crops of 300-500 px): DALI's CPU
+    antialiased resize then rotate cost 6.8 ms (the rotate alone 3.8 ms; PIL rotates in ~1 ms), which made DALI
+    slower than the torchvision DataLoader; this path costs 5.0 ms. One resampling instead of two. A crop whose
+    shorter side is over twice the output is first shrunk with an antialiased resize to twice the output (only
+    those samples: a resize costs as much for an unchanged size), so bilinear sampling never decimates by more
+    than 2x."""
+    from nvidia.dali import fn, math as dmath, types
+
+    shape = images.shape(dtype=types.FLOAT)  # HWC
+    if dmath.min(shape[0], shape[1]) > 2.0 * size:
+        images = fn.resize(images, resize_shorter=2.0 * size, interp_type=types.INTERP_LINEAR, antialias=True)
+    shape = images.shape(dtype=types.FLOAT)
+    matrix = fn.transforms.combine(fn.transforms.scale(scale=fn.stack(size / shape[1], size / shape[0])),
+                                   fn.transforms.rotation(angle=angle, center=(size / 2, size / 2)))
+    # inverse_map=False: ``matrix`` maps source to destination (checked: a 200x100 image lands whole in the output)
+    return fn.warp_affine(images, size=(size, size), matrix=matrix, fill_value=0, interp_type=types.INTERP_LINEAR,
+                          inverse_map=False)
 
 
 def build_eval_pipeline(data: DataConfig, source: _Source, device: Optional[torch.device] = None,
