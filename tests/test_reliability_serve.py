@@ -102,8 +102,10 @@ def test_1000_mixed_requests_at_concurrency_16_good_answered_bad_refused_server_
     bad = bad_payloads(images)
     rng = random.Random(0)
     # ~60% good (each sample photo), the rest spread over the bad kinds; the 21 MB body only 5 times.
-    kinds = [f"good:{n}" for n in images] * 75 + [k for k in bad if "oversize" not in k] * 57 + ["oversize body (21 MB)"] * 5
-    kinds = (kinds + [f"good:{n}" for n in images] * 10)[:TOTAL]
+    spread = [k for k in bad if "oversize" not in k]
+    kinds = [f"good:{n}" for n in images] * 75 + spread * ((TOTAL - 600 - 5) // len(spread)) + ["oversize body (21 MB)"] * 5
+    kinds = kinds + [f"good:{n}" for n in images] * ((TOTAL - len(kinds)) // len(images) + 1)
+    kinds = kinds[:TOTAL]   # only good ones are cut: every bad kind keeps its count
     rng.shuffle(kinds)
     assert len(kinds) == TOTAL
     local = threading.local()
