@@ -151,8 +151,9 @@ def int8_figures(export: Path, cfg, classes, data_root: Optional[Path], work: Pa
         if labels is not None:
             out.update({"fp32_test_top1": d["fp32_top1"], f"{tag}_test_top1": d["int8_top1"],
                         f"{tag}_top1_drop_points": d["top1_drop_points"]})
-        for b in (1, 16):
-            out.update({f"fp32_latency_ms_b{b}": lat[f"fp32_latency_ms_b{b}"], f"{tag}_latency_ms_b{b}": lat[f"int8_latency_ms_b{b}"],
+        for b in (1, 16):  # each variant against its own fp32 rounds (alternated with it)
+            fp = "fp32" if act == "int8" else f"{tag}_fp32"
+            out.update({f"{fp}_latency_ms_b{b}": lat[f"fp32_latency_ms_b{b}"], f"{tag}_latency_ms_b{b}": lat[f"int8_latency_ms_b{b}"],
                         f"{tag}_vs_fp32_b{b}_speedup": lat[f"int8_vs_fp32_b{b}_speedup"]})
     out["fp32_onnx_mb"], out["int8_onnx_mb"] = fp32.stat().st_size / 1e6, int8.stat().st_size / 1e6
     return out
