@@ -12,6 +12,12 @@ quantized int8 engine (no implicit calibrator, which TensorRT 10 deprecates). Ch
   the same S8S8 QDQ graph, so one file serves both; ORT's CPU-only advice (QUInt8 activations, plus reduce_range on
   CPUs without VNNI) would give a file TensorRT refuses. `activations="uint8"` exists to measure that CPU-only variant.
 - Per-channel weights: per-output-channel scales keep ResNet convolutions accurate (ORT docstring, same place).
+- reduce_range (7-bit weights, still symmetric int8 with zero point 0, so TensorRT takes it): on x86 CPUs without VNNI
+  (AVX2 only, like this project's AMD EPYC hosts) ONNX Runtime's int8 kernels add u8*s8 products pairwise in int16
+  (VPMADDUBSW) and saturate; the ORT docstring advises reduce_range there. Measured on such a host: without it 36-46%
+  of a small CNN's top-1 answers changed; with it the demo model's changed on 0.6% of the test split.
+- Speed differs by CPU: on that AVX2 host the symmetric (TensorRT) file ran 0.8-0.9x fp32 while QUInt8 activations ran
+  2.1-2.4x (same drift); on AMX/VNNI hosts int8 was measured 3.7x faster than fp32.
 - Softmax and Sigmoid stay fp32: an int8 softmax quantises the probabilities to 1/127 steps, making top-1 ties.
 - `quant_pre_process` first (shape inference + graph optimisation, as ORT recommends before static quantization).
 - Static, not dynamic: dynamic int8 of convolutions measured 3-12x slower than fp32 on CPU.
