@@ -70,3 +70,33 @@ def test_bad_file_met_in_training_is_replaced_or_reported(tmp_path, tiny_imagefo
     assert all(x.shape == (4, 3, 32, 32) and torch.isfinite(x).all() for x, _ in batches)
     with pytest.raises(DataError, match=r"^1 unreadable image\(s\) met in training: .*data.on_corrupt=skip"):
         list(build_train_loader(_cfg(root, on_corrupt="fail"), split, 1, 0, 0, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_training_run_meets_bad_files_unverified_and_finishes(tmp_path, tiny_imagefolder):
+    """A real `python -m train` on DALI, data.verify off (the default): the broken files are met in training,
+    replaced with a warning each, and the run ends with its report."""
+    import json
+    import subprocess
+
+    from tests.conftest import PY, SMOKE_CONFIG, subprocess_env
+
+    root = tmp_path / "images"
+    shutil.copytree(tiny_imagefolder, root)
+    good = (root / "train" / "square" / "square_000.png").read_bytes()
+    (root / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (root / "train" / "square" / "truncated.png").write_bytes(good[: len(good) // 2])
+    split = list_dataset(_cfg(root), ("train",)).splits["train"]
+    plan = train_plan(len(split), 1, 25, 0, 0)[0]
+    met = sum(split.paths[i].endswith(("broken.png", "truncated.png")) for i in plan)
+    assert met >= 1  # the seeded plan holds at least one of them
+    out = tmp_path / "run"
+    args = [PY, "-m", "train", "--config", str(SMOKE_CONFIG), "--set", f"data.root={root}", "--set", f"output_dir={out}",
+            "--set", "data.backend=dali", "--set", "data.on_corrupt=skip", "--set", "data.batch_size=25",
+            "--set", "train.max_steps=2", "--set", "metrics.enabled=false"]
+    r = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no decode check" in r.stderr and f"(data.on_corrupt=skip; {met} so far)" in r.stderr, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 2 and report["data_backend"] == "dali"
