@@ -1,11 +1,13 @@
 """DALI loaders: built once per (split, rank, size) and re-planned per epoch, channels_last output without a copy,
 a pipeline per image size (progressive resizing), bad files met in training replaced or reported."""
+import json
 import shutil
+import subprocess
 
-import numpy as np
 import pytest
 import torch
 
+from tests.conftest import PY, SMOKE_CONFIG, subprocess_env
 from train.config import DataConfig
 from train.data import DataError, build_eval_loader, build_train_loader, list_dataset, train_plan
 
@@ -77,11 +79,6 @@ def test_bad_file_met_in_training_is_replaced_or_reported(tmp_path, tiny_imagefo
 def test_training_run_meets_bad_files_unverified_and_finishes(tmp_path, tiny_imagefolder):
     """A real `python -m train` on DALI, data.verify off (the default): the broken files are met in training,
     replaced with a warning each, and the run ends with its report."""
-    import json
-    import subprocess
-
-    from tests.conftest import PY, SMOKE_CONFIG, subprocess_env
-
     root = tmp_path / "images"
     shutil.copytree(tiny_imagefolder, root)
     good = (root / "train" / "square" / "square_000.png").read_bytes()
