@@ -20,6 +20,7 @@ from pathlib import Path
 from scripts import bench_data, bench_serve, bench_train
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = ROOT / "runs" / "demo" / "train" / "checkpoints" / "best.pt"  # what `make demo` trains
 ONLY = {"data": "data", "train": "training", "serve": "serving", "int8": "serving", "preprocess": "serving"}
 
 
@@ -61,11 +62,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench", help="output folder (bench.json); BENCHMARKS.md is written at the repo root")
     ap.add_argument("--quick", action="store_true", help="one repetition and shorter windows (a smoke run, noisier)")
     ap.add_argument("--only", choices=sorted(ONLY), help="run one section (int8, preprocess: those serving figures only)")
-    ap.add_argument("--checkpoint", help="serve a trained checkpoint (default: a randomly initialised demo-shaped model)")
+    ap.add_argument("--checkpoint", help="serve a trained checkpoint (default: the demo's best.pt when `make demo` has "
+                                         "run, else a randomly initialised demo-shaped model)")
     ap.add_argument("--data-root", help="ImageFolder for int8 calibration (train/) and drift (the full test/ split); "
                                         "default: the trained checkpoint's data.root")
     ap.add_argument("--no-markdown", action="store_true", help="write bench.json only, leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
+    if args.checkpoint is None and DEMO_CHECKPOINT.is_file():
+        args.checkpoint = str(DEMO_CHECKPOINT)
+    print(f"[bench] serving figures on {args.checkpoint or 'an untrained demo-shaped model (no --checkpoint, no demo run)'}")
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
