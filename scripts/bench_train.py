@@ -1,20 +1,27 @@
-"""Training-side benchmark, every pair measured side by side in one run (alternating, repeated, medians):
-DALI CPU vs torchvision DataLoader on the same JPEG folder; our Trainer vs a plain PyTorch loop (same model, batch,
-precision, data); bf16 autocast vs fp32 on this CPU.
+"""Training-side benchmark, every pair measured side by side in one run (alternated, repeated, medians): our Trainer
+vs a plain PyTorch loop (same model, batch, precision, data pipeline and the same fused optimizer), and bf16 autocast
+vs fp32 on this CPU. The data-pipeline pair (DALI CPU vs torchvision) is scripts/bench_data.py's.
 
-`run(out_dir, quick=False) -> dict` of flat figures (ratios end in _ratio/_speedup); `python -m scripts.bench_train`.
+Engine vs plain loop: both sides are timed by this script's own clock, not by their own reports: a global
+``torch.optim`` step post-hook (torch.optim.optimizer.register_optimizer_step_post_hook) stamps perf_counter at the
+end of every optimizer step, whoever owns the optimizer, and each side's rate is the images of steps
+WARMUP+1..STEPS over the time between the end of step WARMUP and the end of step STEPS. Start-up, evaluation and
+report writing lie outside that window on both sides; data loading lies inside it on both.
+
+`run(out_dir, quick=False) -> dict` of flat figures (ratios end in _ratio/_speedup; ``train_bench_quick`` marks a
+quick run); `python -m scripts.bench_train`.
 """
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,87 +30,83 @@ def _median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def make_jpeg_folder(root: Path, n_per_class: int, classes: int = 4, size=(500, 375)) -> Path:
-    """Real JPEGs (500x375 like Pascal/ImageNet photos): shapes on noise, drawn with PIL."""
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import SHAPES, draw_sample
-
+def make_image_folder(root: Path, n_per_class: int, classes: int = 4, size: int = 40) -> Path:
+    """Real PNG files (a coloured disc, square, bar or cross on noise, drawn with PIL) as a train/val/test ImageFolder."""
     rng = np.random.default_rng(0)
     for split, n in (("train", n_per_class), ("val", 2), ("test", 2)):
-        for c in SHAPES[:classes]:
-            d = root / split / c
+        for c in range(classes):
+            d = root / split / f"class{c}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                draw_sample(c, rng, 400).resize(size).save(d / f"{i:04d}.jpg", quality=90)
+                img = Image.fromarray(rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8))
+                r = int(rng.integers(size // 5, size // 3))
+                cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+                color = tuple(int(v) for v in rng.integers(150, 256, size=3))
+                draw, kind, w = ImageDraw.Draw(img), c % 4, max(2, r // 3)
+                if kind == 0:
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+                elif kind == 1:
+                    draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+                else:
+                    draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+                    if kind == 3:
+                        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+                img.save(d / f"{i:04d}.png")
     return root
 
 
-def _loader_rate(cfg, split, epochs: int) -> float:
-    from train.data import build_train_loader
+class StepClock:
+    """perf_counter at the end of every optimizer step of any optimizer, while entered (the same code times both sides)."""
 
-    n, t0 = 0, None
-    for epoch in range(epochs + 1):
-        loader = build_train_loader(cfg.data, split, 1, 0, 0, epoch)
-        for images, _ in loader:
-            if t0 is None:  # first batch of the first (warm-up) epoch is excluded
-                t0 = time.perf_counter()
-                continue
-            n += len(images)
-    return n / (time.perf_counter() - t0)
+    def __enter__(self) -> "StepClock":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
+        self.stamps: list[float] = []
+        self._handle = register_optimizer_step_post_hook(lambda *_: self.stamps.append(time.perf_counter()))
+        return self
 
-def bench_data(root: Path, repeats: int, quick: bool) -> dict:
-    from train.config import load_config
-    from train.data import scan_imagefolder
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
 
-    base = ["data.image_size=224", "data.eval_resize=256", "data.batch_size=32", "data.workers=2", f"data.root={root}"]
-    cfgs = {b: load_config(None, base + [f"data.backend={b}"]) for b in ("dali", "torchvision")}
-    split = scan_imagefolder(cfgs["dali"].data, ("train",)).splits["train"]
-    rates = {b: [] for b in cfgs}
-    for _ in range(repeats):
-        for b, cfg in cfgs.items():
-            rates[b].append(_loader_rate(cfg, split, 1 if quick else 2))
-    d, t = _median(rates["dali"]), _median(rates["torchvision"])
-    return {"data_dali_cpu_img_per_s": round(d, 1), "data_torchvision_img_per_s": round(t, 1),
-            "data_dali_vs_torchvision_speedup": round(d / t, 3), "data_images": len(split), "data_crop_px": 224}
+    def rate(self, warmup: int, steps: int, batch: int) -> float:
+        if len(self.stamps) < steps:
+            raise RuntimeError(f"expected {steps} optimizer steps, the clock saw {len(self.stamps)}")
+        return (steps - warmup) * batch / (self.stamps[steps - 1] - self.stamps[warmup - 1])
 
 
-PLAIN_LOOP = "plain 30-line loop: DataLoader -> model -> CrossEntropy -> AdamW, no metrics/checkpoints/DDP"
+PLAIN_LOOP = ("plain loop: the same data loader -> model -> CrossEntropy -> the engine's fused AdamW, no "
+              "metrics/checkpoints/DDP/schedule")
 
 
-def plain_loop(cfg, steps: int) -> float:
-    """The alternative our engine is measured against: the loop anyone would write. Returns img/s."""
-    from train.data import build_train_loader, scan_imagefolder
+def plain_loop(cfg, steps: int) -> None:
+    """The alternative our engine is measured against: the loop anyone would write, with the engine's own optimizer
+    (train.optim.build_optimizer, fused, no weight decay on norms and biases), threads and memory format."""
+    from train.data import build_train_loader, cpu_threads_per_rank, scan_imagefolder
     from train.models import create_model
+    from train.optim import build_optimizer
 
+    torch.set_num_threads(cfg.train.threads or cpu_threads_per_rank(1))  # as the engine sets it for one rank
     torch.manual_seed(0)
     split = scan_imagefolder(cfg.data, ("train",)).splits["train"]
     labels = torch.as_tensor(split.labels)
     model = create_model(cfg.model, int(labels.max()) + 1).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(cfg, model, fused=True)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     model.train()
-    done, n, busy = 0, 0, 0.0
-    epoch = 0
+    done, epoch = 0, 0
     while done < steps:
-        loader = build_train_loader(cfg.data, split, 1, 0, 0, epoch)
-        t0 = time.perf_counter()  # like the engine: from the first batch request, loader construction excluded
-        for images, index in loader:
-            images = images.contiguous(memory_format=torch.channels_last)
+        for images, index in build_train_loader(cfg.data, split, 1, 0, cfg.train.seed, epoch, channels_last=True):
             loss = loss_fn(model(images), labels[index])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             done += 1
-            n += len(images)
             if done >= steps:
                 break
-        busy += time.perf_counter() - t0
         epoch += 1
-    return n / busy
 
 
-def engine_rate(cfg, steps: int, out: Path) -> float:
+def engine_run(cfg, steps: int, out: Path) -> None:
     from train.engine import Trainer
 
     cfg = cfg.model_copy(deep=True)
@@ -111,29 +114,33 @@ def engine_rate(cfg, steps: int, out: Path) -> float:
     cfg.train.max_steps = steps
     trainer = Trainer(cfg)
     try:
-        report = trainer.fit()
+        trainer.fit()
     finally:
         trainer.close()
-    return float(report["train_images_per_second"])
 
 
 def bench_engine(root: Path, work: Path, repeats: int, quick: bool) -> dict:
     from train.config import load_config
 
-    steps = 8 if quick else 20
+    steps, warmup, batch = (8, 2, 32) if quick else (20, 3, 32)
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
-        f"data.root={root}", "data.batch_size=32", "data.image_size=32", "data.eval_resize=32", "data.workers=1",
+        f"data.root={root}", f"data.batch_size={batch}", "data.image_size=32", "data.eval_resize=32", "data.workers=1",
         "data.backend=torchvision", "train.precision=fp32", "train.checkpoint_every_steps=0", "train.log_every_steps=5",
         "train.threads=0", "train.epochs=100", "train.resume=false", "data.class_weights=false",
-        "optim.label_smoothing=0.0", "schedule.warmup_epochs=0"])
+        "optim.name=adamw", "optim.label_smoothing=0.0", "schedule.warmup_epochs=0", "metrics.enabled=false"])
     ours, plain = [], []
     for i in range(repeats):
-        plain.append(plain_loop(cfg, steps))
-        ours.append(engine_rate(cfg, steps, work / f"engine-{i}"))
+        # ABBA order: a drift of the host's speed during the run does not favour one side
+        sides = [("plain", None), ("engine", work / f"engine-{i}")]
+        for name, out in (sides if i % 2 == 0 else sides[::-1]):
+            with StepClock() as clock:
+                plain_loop(cfg, steps) if name == "plain" else engine_run(cfg, steps, out)
+            (plain if name == "plain" else ours).append(clock.rate(warmup, steps, batch))
     o, p = _median(ours), _median(plain)
     return {"train_engine_img_per_s": round(o, 2), "train_plain_loop_img_per_s": round(p, 2),
             "train_engine_vs_plain_ratio": round(o / p, 3), "train_engine_overhead_pct": round(100 * (1 - o / p), 2),
-            "train_bench_steps": steps, "train_bench_batch": 32, "train_bench_px": 32}
+            "train_bench_steps": steps, "train_bench_timed_steps": steps - warmup, "train_bench_repeats": repeats,
+            "train_bench_batch": batch, "train_bench_px": 32, "train_bench_optimizer": "AdamW fused (both sides)"}
 
 
 def bench_precision(repeats: int, quick: bool) -> dict:
@@ -174,10 +181,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=out_dir) as tmp:
         work = Path(tmp)
-        jpegs = make_jpeg_folder(work / "jpegs", 16 if quick else 64)
-        figures = {}
-        figures.update(bench_data(jpegs, repeats, quick))
-        small = make_jpeg_folder(work / "small", 40 if quick else 80, size=(40, 40))
+        small = make_image_folder(work / "small", 40 if quick else 80)
+        figures = {"train_bench_quick": quick}
         figures.update(bench_engine(small, work, repeats, quick))
         figures.update(bench_precision(repeats, quick))
     figures["train_plain_loop"] = PLAIN_LOOP
@@ -190,7 +195,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench")
-    ap.add_argument("--quick", action="store_true", help="one repetition, fewer images and steps")
+    ap.add_argument("--quick", action="store_true", help="one repetition, fewer images and steps (marked quick)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(json.dumps(run(Path(args.out), args.quick), indent=2))
