@@ -25,7 +25,7 @@ class DataConfig(_Section):
     image_size: int = Field(224, ge=8, description="Training crop and eval centre-crop size in pixels.")
     eval_resize: int = Field(256, ge=8, description="Eval: shorter side resized to this before the centre crop.")
     batch_size: int = Field(64, ge=1, description="Batch size per rank (per GPU).")
-    workers: int = Field(2, ge=0, description="Loader worker processes (torchvision) or DALI CPU threads per rank.")
+    workers: int = Field(2, ge=0, description="Loader worker processes (torchvision) or DALI CPU threads and file-reading threads per rank (files are read with plain reads, never mmap: safe on NFS/Lustre).")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail", description="What to do with unreadable images found at scan time: stop with their paths, or skip them and count.")
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (RGB, 0..1).")
@@ -38,7 +38,6 @@ class DataConfig(_Section):
     progressive_min_size: int = Field(0, ge=0, description="Progressive resizing: the first epochs train at this crop size, rising to image_size by progressive_until of the run (0 = off). Evaluation and serving always use image_size.")
     progressive_until: float = Field(0.75, gt=0, le=1, description="Fraction of the run by which progressive resizing reaches image_size.")
     verify: bool = Field(False, description="Decode every image once at start (slow on large sets); off: list files only, and a broken image met in training follows on_corrupt.")
-    dont_use_mmap: bool = Field(False, description="DALI file reader: read files instead of mmap (network file systems such as NFS/Lustre).")
 
     @model_validator(mode="after")
     def _resize_covers_crop(self):

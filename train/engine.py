@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from train.backends import _deepspeed_safe_load, autocast_for, build_backend, float_state  # noqa: F401 (re-export)
 from train.checkpoint import CheckpointManager, safe_load
 from train.config import Config, save_config
-from train.data import (build_eval_loader, build_train_loader, class_weights, cpu_threads_per_rank,
+from train.data import (build_eval_loader, build_train_loader, class_weights, cpu_threads_per_rank, release_loaders,
                         scan_imagefolder, steps_per_epoch)
 from train.distributed import (barrier, decide_on_main, gather_rng, seed_everything, set_rng_state, setup_distributed,
                                setup_logging, shutdown)
@@ -307,4 +307,5 @@ class Trainer:
         return report
 
     def close(self) -> None:
+        release_loaders()   # kept DataLoader workers and DALI pipelines
         shutdown()
