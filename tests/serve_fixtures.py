@@ -67,7 +67,8 @@ MAX_REQUEST_BYTES = 3_000_000    # small per-request byte cap: two 1.6 MB rows e
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """One real tritonserver for the serving test modules: CPU repository of a random checkpoint (small limits)."""
+    """A real tritonserver: CPU repository of a random checkpoint (small limits). Imported by test modules, it is one
+    server per importing module; registered once in tests/conftest.py (pytest_plugins) it would be one per session."""
     from serve.repository import write_model_repository
     from serve.samples import sample_image_bytes
     from serve.server import TritonServer

@@ -1,4 +1,4 @@
-"""Against a real tritonserver (one per session, free ports on 127.0.0.1): anti-skew, protocol parity with PyTorch,
+"""Against a real tritonserver (the `served` fixture, free ports on 127.0.0.1): anti-skew, protocol parity with PyTorch,
 bad requests (alone and batched with good ones), rejection and NaN metrics, clients and their preflight checks."""
 from __future__ import annotations
 
