@@ -172,7 +172,9 @@ def eval_module_source() -> str:
     if "from __future__ import annotations" not in src or any(l != ANNOTATION_ONLY_IMPORT for l in project):
         raise ServeError(f"train/transforms.py imports {', '.join(project) or 'project code'} at run time; the serving copy "
                          "must stand alone, so keep its project imports to the annotation-only DataConfig.")
-    body = src.replace(ANNOTATION_ONLY_IMPORT + "\n", f"# {ANNOTATION_ONLY_IMPORT}  (annotation only: not needed when serving)\n")
+    # Only a top-level import is commented out; one under `if TYPE_CHECKING:` never runs and stays as it is.
+    body = re.sub(rf"^{re.escape(ANNOTATION_ONLY_IMPORT)}$", f"# {ANNOTATION_ONLY_IMPORT}  (annotation only: not needed when serving)",
+                  src, flags=re.M)
     return "# Copied verbatim by serve.repository from train/transforms.py: the one eval transform. Do not edit.\n" + body
 
 
