@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+# The session's tritonserver fixture (`served`) registered once, so every module shares one server.
+pytest_plugins = ["tests.serve_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SMOKE_CONFIG = ROOT / "configs" / "smoke.yaml"

@@ -78,15 +78,18 @@ def test_launch_commands_parse_and_render(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_serving_commands_run_as_written(tmp_path, tiny_imagefolder):
-    """repository -> up -> classify, exactly the README lines with our paths and free ports."""
+    """export -> repository -> up -> classify -> evaluate, exactly the README lines with our paths and free ports."""
     from serve.samples import random_checkpoint
 
     ckpt = random_checkpoint(tmp_path / "ckpt", classes=["circle", "square", "triangle"])
     repo = tmp_path / "repo"
     cmds = {c.split()[3]: c for c in readme_commands() if " -m serve " in c}
-    assert set(cmds) >= {"repository", "up", "classify"}
-    r = _run(_argv(cmds["repository"].replace("runs/demo/train/checkpoints/best.pt", str(ckpt))
-                   .replace("runs/model_repository", str(repo))))
+    assert set(cmds) >= {"export", "repository", "up", "classify", "evaluate"}
+    export = tmp_path / "export"
+    r = _run(_argv(cmds["export"].replace("runs/demo/train/checkpoints/best.pt", str(ckpt))
+                   .replace("runs/export", str(export))))
+    assert r.returncode == 0, r.stderr
+    r = _run(_argv(cmds["repository"].replace("runs/export", str(export)).replace("runs/model_repository", str(repo))))
     assert r.returncode == 0, r.stderr
     ports = {p: str(free_port()) for p in ("8000", "8001", "8002")}
     up = cmds["up"].replace("runs/model_repository", str(repo))
@@ -108,6 +111,13 @@ def test_serving_commands_run_as_written(tmp_path, tiny_imagefolder):
         r = _run(_argv(classify))
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("circle_") == 6 and re.search(r"(circle|square|triangle)", r.stdout)
+        evaluate = cmds["evaluate"].replace("127.0.0.1:8001", f"127.0.0.1:{ports['8001']}") \
+                                   .replace("data/animals/test", str(tiny_imagefolder / "test")) \
+                                   .replace("runs/evaluate", str(tmp_path / "evaluate"))
+        r = _run(_argv(evaluate))
+        assert r.returncode == 0, r.stderr
+        assert "top-1" in r.stdout and (tmp_path / "evaluate" / "report.json").is_file()
+        assert (tmp_path / "evaluate" / "confusion.png").stat().st_size > 0
     finally:
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=60)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from serve.errors import ServeError
-from tests.serve_fixtures import model_stats, reference_probabilities, served  # noqa: F401 - `served`: the session's tritonserver
+from tests.serve_fixtures import model_stats, reference_probabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

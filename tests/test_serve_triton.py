@@ -15,7 +15,7 @@ import pytest
 
 from serve.errors import ServeError
 from tests.serve_fixtures import (CLASSES, MAX_REQUEST_BYTES, big_png, gif_bytes, metric_value, model_stats,
-                                  reference_probabilities, served)  # noqa: F401 - `served`: the session's tritonserver fixture
+                                  reference_probabilities)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

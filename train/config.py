@@ -160,6 +160,7 @@ class ServeConfig(_Section):
     preprocess_instances: int = Field(2, ge=1, description="Instances of the python `preprocess` model (decode + eval transform run one request batch at a time per instance; 2 lets decoding use two CPU cores).")
     max_image_bytes: int = Field(20_000_000, ge=1, description="preprocess: largest encoded image accepted.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="preprocess: largest decoded width*height accepted (decompression-bomb guard).")
+    max_request_bytes: int = Field(40_000_000, ge=1, description="preprocess: largest total encoded bytes one request may carry.")
 
     @model_validator(mode="after")
     def _preferred_fit(self):

@@ -1,14 +1,16 @@
-"""The eval transform (defined once: training evaluation and Triton preprocess import it) and the torchvision train augmentation."""
+"""The eval transform (defined once: training evaluation uses it, and the repository writer copies this file verbatim into Triton's preprocess model) and the torchvision train augmentation."""
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from train.config import DataConfig
+if TYPE_CHECKING:   # annotations only: the serving copy of this file (serve/triton_runtime) imports nothing of ours
+    from train.config import DataConfig
 
 INTERPOLATION = T.InterpolationMode.BILINEAR
 
