@@ -151,17 +151,26 @@ def test_kill_9_of_launch_local_leaves_no_worker_and_the_rerun_resumes(tmp_path)
            "--set", f"data.root={data}", "--set", f"output_dir={out}", "--set", "train.max_steps=6",
            "--set", "train.checkpoint_every_steps=2", "--set", f"metrics.port={port}"]
     first_log = tmp_path / "first.log"
+    workers: list[psutil.Process] = []
     with open(first_log, "w") as f:
         proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        # While it runs, the same command again is refused on every rank, naming the running rank 0.
+        # While it runs, the same command again is refused on every rank, naming the running rank 0. The first run is
+        # paused (SIGSTOP: alive, still holding the lock) meanwhile, so it cannot get far ahead on a fast host.
         deadline = time.time() + 300
         while time.time() < deadline and not RunLock(out).read() and proc.poll() is None:
             time.sleep(0.1)
         holder = RunLock(out).read()
         assert holder and proc.poll() is None, first_log.read_text()[-3000:]
-        second = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+        paused = [psutil.Process(proc.pid), *_workers(proc.pid)]
+        for p in paused:
+            p.suspend()
+        try:
+            second = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+        finally:
+            for p in paused:
+                p.resume()
         errors = _error_lines(second.stdout + second.stderr)
         assert second.returncode != 0 and len(errors) == 2, (second.stdout + second.stderr)[-3000:]
         assert all(f"is in use by another training run (pid {holder['pid']} on host {holder['host']}" in e
@@ -176,20 +185,26 @@ def test_kill_9_of_launch_local_leaves_no_worker_and_the_rerun_resumes(tmp_path)
         workers = _workers(proc.pid)
         assert len(workers) == 2, workers
         assert all(os.getsid(w.pid) != os.getsid(proc.pid) for w in workers), "torchrun workers have their own sessions"
+        steps_at_kill = sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher (torchrun, exec'd by launch local) and its process group
         proc.wait(30)
         t0 = time.time()
         while _live(workers) and time.time() - t0 < 10:
             time.sleep(0.1)
+        gone_after = time.time() - t0
         left = _live(workers)
         assert not left, f"workers outlived the killed launcher: {[(p.pid, p.cmdline()[-6:]) for p in left]}"
-        print(f"\nRUNLOCK workers gone {time.time() - t0:.2f} s after kill -9 of the launcher")
-    finally:
-        for p in _live(_workers(proc.pid) if proc.poll() is None else []):
+        # Orphans that simply finished within those seconds would pass the line above: they wrote on, though.
+        written = sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))
+        assert written[:len(steps_at_kill)] == steps_at_kill and not (out / "report.json").exists(), \
+            f"workers outlived the killed launcher and kept writing: {written} after {steps_at_kill}"
+        assert len(written) <= len(steps_at_kill) + 1, (written, steps_at_kill)  # at most a write already under way
+        print(f"\nRUNLOCK workers gone {gone_after:.2f} s after kill -9 of the launcher")
+    finally:  # never leave a worker behind, whatever failed
+        for p in _live(workers + (_workers(proc.pid) if proc.poll() is None else [])):
             p.kill()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not (out / "report.json").exists()
 
     r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     text = r.stdout + r.stderr
