@@ -1,6 +1,7 @@
 """Shared fixtures: small real ImageFolders (PNG/JPEG files drawn with PIL), a smoke config, repo paths."""
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -70,3 +71,10 @@ def subprocess_env(**extra: str) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.update(extra)
     return env
+
+
+def require(module: str):
+    """The module, or a skip outside CI; under CI a dependency the project installs must be there (fail, not skip)."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

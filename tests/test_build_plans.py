@@ -18,6 +18,7 @@ import pytest
 
 from serve import tensorrt as trt_recipe
 from serve.contract import CLASSIFIER, INPUT_NAME, plan_filename
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "k8s" / "serving" / "base" / "build-plans.sh"
@@ -279,7 +280,7 @@ def test_a_stale_lock_is_broken_and_a_live_one_waited_for(plans):
 
 
 def test_int8_needs_a_qdq_onnx_and_no_calibration(tmp_path):
-    onnx = pytest.importorskip("onnx")
+    onnx = require("onnx")
     from onnx import TensorProto, helper
 
     def model(ops):
@@ -311,7 +312,7 @@ TRTEXEC_LOG = """[11/29/2026-05:00:00] [I] === Performance summary ===
 
 
 def test_gpu_check_script_dry_run_renders_the_recipe(tmp_path):
-    onnx = pytest.importorskip("onnx")
+    onnx = require("onnx")
     from onnx import TensorProto, helper
 
     def save(path, op):

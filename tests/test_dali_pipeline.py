@@ -7,11 +7,11 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import PY, SMOKE_CONFIG, subprocess_env
+from tests.conftest import require, PY, SMOKE_CONFIG, subprocess_env
 from train.config import DataConfig
 from train.data import DataError, build_eval_loader, build_train_loader, list_dataset, train_plan
 
-pytest.importorskip("nvidia.dali")
+require("nvidia.dali")
 
 
 def _cfg(root, **kw):

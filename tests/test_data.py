@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_imagefolder
+from tests.conftest import require, make_imagefolder
 from train.config import DataConfig
 from train.data import (DataError, build_eval_loader, build_train_loader, class_weights, eval_shard, scan_imagefolder,
                         train_plan)
@@ -83,7 +83,7 @@ def test_train_plan_disjoint_and_deterministic():
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_train_loader_resumes_mid_epoch(tiny_imagefolder, backend):
     if backend == "dali":
-        pytest.importorskip("nvidia.dali")
+        require("nvidia.dali")
     cfg = _cfg(tiny_imagefolder, backend=backend)
     split = scan_imagefolder(cfg, ("train",)).splits["train"]
     full = [i for _, idx in build_train_loader(cfg, split, 2, 1, seed=0, epoch=0) for i in idx.tolist()]
@@ -109,7 +109,7 @@ def _images_for_parity(root):
 def test_dali_and_torchvision_eval_pipelines_agree(tmp_path):
     """Stated tolerance: every pixel within one 8-bit level (1/255/std in normalised units), mean |diff| < 0.005.
     Same output sizes as torchvision (shorter side -> eval_resize, longer side truncated), same centre crop."""
-    pytest.importorskip("nvidia.dali")
+    require("nvidia.dali")
     from train.dali import dali_eval_passes
 
     files = _images_for_parity(tmp_path)
@@ -126,7 +126,7 @@ def test_dali_and_torchvision_eval_pipelines_agree(tmp_path):
 
 
 def test_dali_eval_loader_matches_torchvision_on_small_pngs(tiny_imagefolder):
-    pytest.importorskip("nvidia.dali")
+    require("nvidia.dali")
     cfg_d = _cfg(tiny_imagefolder, image_size=32, eval_resize=32, backend="dali")
     cfg_t = _cfg(tiny_imagefolder, image_size=32, eval_resize=32, backend="torchvision")
     split = scan_imagefolder(cfg_d, ("val",)).splits["val"]

@@ -6,6 +6,7 @@ from torch import nn
 
 from train.config import ModelConfig
 from train.models import PretrainedError, SqueezeExcitation, create_model, load_pretrained_weights, set_backbone_trainable
+from tests.conftest import require
 
 
 def _count_se(model):
@@ -87,7 +88,7 @@ def test_freeze_and_unfreeze():
 
 
 def test_se_block_exports_as_plain_ops(tmp_path):
-    pytest.importorskip("onnx")
+    require("onnx")
     import onnx
     se = SqueezeExcitation(64).eval()
     path = tmp_path / "se.onnx"

@@ -11,6 +11,7 @@ import pytest
 
 from serve.errors import ServeError
 from tests.serve_fixtures import make_checkpoint, reference_probabilities
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
@@ -74,7 +75,7 @@ def test_int8_linear_quantization_drift_within_bound(exported, tmp_path):
 def test_tensorrt_without_tensorrt_is_one_clear_error(exported):
     from serve.tensorrt import build_plan
 
-    pytest.importorskip("onnx")
+    require("onnx")
     try:
         import tensorrt  # noqa: F401
         pytest.skip("tensorrt is installed here")

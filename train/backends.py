@@ -4,6 +4,7 @@ save and load training state, and give the weights for export. The training loop
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 from contextlib import nullcontext
 from functools import partial
@@ -176,7 +177,11 @@ class DeepSpeedBackend:
         ds_dir = out / "checkpoints" / "deepspeed"
         if not decide_on_main(self.dinfo, lambda: (ds_dir / "latest").exists()):
             return None
-        path, client = self.engine.load_checkpoint(str(ds_dir))
+        try:
+            path, client = self.engine.load_checkpoint(str(ds_dir))
+        except (pickle.UnpicklingError, RuntimeError) as err:
+            raise CheckpointError(f"DeepSpeed checkpoint in '{ds_dir}' could not be loaded safely "
+                                  f"({str(err).strip().splitlines()[0][:200]}); delete it or set train.resume=false.") from None
         if path is None:
             raise CheckpointError(f"DeepSpeed checkpoint in '{ds_dir}' could not be loaded; delete it or set train.resume=false.")
         apply_hyperparameters(self.optimizer, self.cfg)

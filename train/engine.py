@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from train.backends import _deepspeed_safe_load, autocast_for, build_backend, float_state  # noqa: F401 (re-export)
-from train.checkpoint import CheckpointManager, safe_load
+from train.checkpoint import CheckpointManager, check_finite, safe_load
 from train.config import Config, save_config
 from train.data import (build_eval_loader, build_train_loader, class_weights, cpu_threads_per_rank, release_loaders,
                         scan_imagefolder, steps_per_epoch)
@@ -146,6 +146,9 @@ class Trainer:
         extra = {"model": float_state(self.eval_model), "rng": gather_rng(self.dinfo)}
         if self.ema is not None:
             extra["train_model"] = float_state(self.backend.module)
+        check_finite(extra["model"], self.global_step)   # before any engine writes (DeepSpeed saves its own first)
+        if "train_model" in extra:
+            check_finite(extra["train_model"], self.global_step)
         self.backend.save(self.ckpt, self.out, self._meta(), extra, self.global_step, is_best)
         barrier(self.dinfo)
         log.info("checkpoint saved at step %d (epoch %.2f)%s", self.global_step, self.images_seen / self.n_train,
