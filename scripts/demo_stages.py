@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scripts.prepare_animals import PrepareError
 from scripts.prepare_animals import prepare as prepare_animals
+from scripts.prepare_second import prepare as prepare_mnist
 from serve.errors import ServeError
 from serve.evaluate import evaluate_folder
 from serve.export import export_onnx
@@ -53,11 +54,11 @@ def metrics_base_port(preferred: int, nproc: int) -> int:
     return 0
 
 
-def prepare(data_root: Path, max_per_class: int) -> tuple[dict, float]:
-    """Animal-MNIST as an ImageFolder (deduplicated, stratified split); skipped when already prepared."""
+def prepare(data_root: Path, max_per_class: int, dataset: str = "animals") -> tuple[dict, float]:
+    """Animal-MNIST (or MNIST digits) as an ImageFolder (deduplicated, stratified split); skipped when prepared."""
     t0 = time.perf_counter()
     try:
-        info = prepare_animals(data_root, max_per_class=max_per_class)
+        info = (prepare_animals if dataset == "animals" else prepare_mnist)(data_root, max_per_class=max_per_class)
     except PrepareError as err:
         raise DemoError(str(err)) from None
     return info, time.perf_counter() - t0
