@@ -230,7 +230,11 @@ def run(out_dir: Path, quick: bool = False, checkpoint: Optional[str | Path] = N
             figures.update(int8_figures(export, cfg, classes, Path(data_root) if data_root else None, work, quick, rounds))
         if "triton" in sections:
             for precision in ("fp32",) if quick else ("fp32", "int8"):
-                figures.update(triton_figures(export, cfg, work, precision, quick, rounds))
+                try:
+                    figures.update(triton_figures(export, cfg, work, precision, quick, rounds))
+                except ServeError as err:  # recorded in bench.json/BENCHMARKS.md; the other figures still count
+                    print(f"[bench_serve] Triton {precision}: {err}", file=sys.stderr)
+                    figures[f"triton_{precision}_error"] = str(err).splitlines()[0][:300]
         figures = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}
         (out_dir / "bench_serve.json").write_text(json.dumps(figures, indent=2))
         return figures
