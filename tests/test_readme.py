@@ -65,11 +65,13 @@ def test_launch_commands_parse_and_render(tmp_path):
         cmd = cmd.split(" && ")[0].replace("runs/k8s/imagenet", str(tmp_path / "k8s"))
         argv = _argv(cmd)
         sub = argv.index("launch") + 1
-        if argv[sub] != "k8s":
+        if argv[sub] in ("local", "multinode"):
             argv.insert(sub + 1, "--dry-run")
         r = _run(argv)
-        assert r.returncode == 0, (cmd, r.stderr)
-        if argv[sub] == "k8s":
+        assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+        if argv[sub] == "preflight":
+            assert "precision:" in r.stdout and "problems:      none" in r.stdout
+        elif argv[sub] == "k8s":
             assert (tmp_path / "k8s" / "kustomization.yaml").exists()
         else:
             assert "torch.distributed.run" in r.stdout
