@@ -93,6 +93,7 @@ class Trainer:
         self.last_val: Optional[float] = None
         self.nan_skips = 0
         self.samples_file = None
+        self._train_size_now = cfg.data.image_size
         self._rebuild_schedule()
         self.metrics = TrainingMetrics(d.rank, (cfg.metrics.port + d.local_rank if cfg.metrics.port else 0)
                                        if cfg.metrics.enabled else None, cfg.metrics.address)
@@ -200,6 +201,9 @@ class Trainer:
         b = self.budget
         if b is None or b.fixed or not b.observe(self.global_step, time.perf_counter()):
             return
+        # Progressive resizing: the rate was measured at a smaller crop; plan with the full-size cost (cost taken as
+        # proportional to pixels, which over-estimates small crops), so the run can end early but never late.
+        b.rate_steps_per_s *= (self._train_size_now / self.cfg.data.image_size) ** 2
         reserve = self._eval_reserve(b.rate_steps_per_s * self.global_batch)
         total_steps = decide_on_main(self.dinfo, lambda: b.fix(time.perf_counter() - self.t_start, self.global_step,
                                                                  reserve))
@@ -248,7 +252,7 @@ class Trainer:
             epoch, offset = divmod(self.images_seen, self.epoch_images)
             start = offset // self.global_batch
             self._maybe_unfreeze(epoch)
-            size = self.train_size(epoch)
+            size = self._train_size_now = self.train_size(epoch)
             loader = build_train_loader(cfg.data, self.train_split, d.world, d.rank, cfg.train.seed, epoch,
                                         start_step=start, device=d.device, channels_last=self.channels_last,
                                         image_size=size)
