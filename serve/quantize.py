@@ -35,6 +35,7 @@ import numpy as np
 
 from serve.contract import INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
+from serve.export import ort_session
 from train.transforms import EvalSpec, ImageDecodeError, decode_image, eval_transform
 
 QUANT_OPS = ["Conv", "Gemm", "Add", "Mul", "GlobalAveragePool", "Relu", "Flatten"]  # not Softmax/Sigmoid (see above)
@@ -77,15 +78,8 @@ def pixels(paths: Sequence[Path], spec) -> np.ndarray:
 
 
 def session(path: str | Path, threads: int = 0):
-    """A CPU ONNX Runtime session (all graph optimisations, which fuse DQ->Conv->Q into QLinearConv)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """A CPU ONNX Runtime session with all graph optimisations (which fuse DQ->Conv->Q into QLinearConv)."""
+    return ort_session(path, threads)
 
 
 def predict(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
