@@ -155,6 +155,10 @@ def test_every_dashboard_and_rule_expression_returns_data_from_live_triton_and_t
         client = TritonClassifier(server.grpc_url, protocol="grpc")
         results = [client.classify_bytes(img) for img in images[:12]]
         assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+        # rate() needs the counter seen at 0 before it rises: a rejection that lands before Prometheus first scrapes
+        # this server starts its series at 1 and rate() reads 0 for the whole window (the CI failure of stop 13).
+        wait_for(lambda: prom.has_data('seresnet_preprocess_rejected_total{reason="decode"} == 0'), 120,
+                 "Prometheus's first scrape of the rejection counter at 0")
         bad = TritonClassifier(server.grpc_url, protocol="grpc", max_attempts=1).classify_bytes(b"not an image")
         assert not bad.ok  # one failed request: the error panels and the error-ratio rule see a real failure
 
