@@ -149,6 +149,8 @@ class TritonServer:
         ]
 
     def start(self) -> "TritonServer":
+        if self.proc is not None and self.proc.poll() is None:
+            raise ServeError("this TritonServer is already running; use either start() or 'with TritonServer(...)', not both.")
         binary = tritonserver_binary()
         if not binary.is_file():
             raise ServeError(f"tritonserver not found at '{binary}'; run scripts/setup_env.sh (make venv) to unpack it.")

@@ -2,6 +2,7 @@
 ReLU, residual Add, a squeeze-excitation block, Gemm, Softmax), calibrated through the project's eval transform."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,17 @@ from onnx import numpy_helper
 from PIL import Image
 from torch import nn
 
-from serve.contract import INPUT_NAME, OUTPUT_NAME
+from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
-from serve.export import WithSoftmax
+from serve.evaluate import evaluate_folder
+from serve.export import WithSoftmax, write_spec
 from serve.quantize import eval_spec, pixels, predict, quantize_int8, session
+from serve.repository import write_model_repository
+from serve.server import TritonServer
 from tests.conftest import draw_sample
+from train.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230), "yellow": (230, 210, 40)}
 SPEC = {"eval": {"image_size": 32, "eval_resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
@@ -145,3 +152,31 @@ def test_bounds_and_user_errors_are_one_sentence(trained, tmp_path):
     with pytest.raises(ServeError, match="cannot be used for int8 calibration"):
         pixels([bad], SPEC)
     assert eval_spec(SPEC) == eval_spec(SPEC["eval"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_int8_repository_is_served_by_tritonserver_with_the_accuracy_it_has_in_process(trained, tmp_path):
+    """`serve quantize` output in an export folder -> `serve repository --target int8` -> the real tritonserver ->
+    `serve evaluate` on the held-out test split: the served top-1 is what ONNX Runtime gives in-process on the same
+    images (one answer of slack for thread-order rounding), and the task is still learnt."""
+    fp32, root = trained
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(fp32, export / EXPORT_ONNX)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.image_size={SPEC['eval']['image_size']}",
+                                                       f"data.eval_resize={SPEC['eval']['eval_resize']}"])
+    write_spec(export, cfg, SPEC["classes"])
+    train = sorted((root / "train").rglob("*.png"))
+    quantize_int8(export / EXPORT_ONNX, export / EXPORT_INT8_ONNX, train, SPEC, n=128)
+    repo = write_model_repository(export, tmp_path / "repo", "int8")
+    assert (repo / "se_resnet50" / "1" / EXPORT_ONNX).read_bytes() == (export / EXPORT_INT8_ONNX).read_bytes()
+
+    test = sorted((root / "test").rglob("*.png"))
+    truth = np.array([SPEC["classes"].index(p.parent.name) for p in test])
+    in_process = float((predict(session(export / EXPORT_INT8_ONNX), pixels(test, SPEC)).argmax(1) == truth).mean())
+    with TritonServer(repo, ready_timeout=300) as server:
+        r = evaluate_folder(server.grpc_url, root / "test", "grpc", tmp_path / "eval", progress=False, concurrency=4)
+    assert r["images"] == len(test) == 96 and r["errors"] == 0, r
+    assert abs(r["top1"] - in_process) <= 1 / len(test) + 1e-9, (r["top1"], in_process)
+    assert r["top1"] >= 0.9, r["top1"]
