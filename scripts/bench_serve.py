@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from torchvision import transforms as T
 
 from serve import benchdata
 from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
@@ -72,17 +73,35 @@ def _init_worker() -> None:
 def _decode_many(args) -> np.ndarray:
     """Worker: encoded images -> float32 [N, 3, S, S] (decode + eval transform), as one preprocess instance does."""
     images, spec = args
-    tf = _TF.get(spec) or _TF.setdefault(spec, eval_transform(EvalSpec(*spec)))
-    return np.stack([tf(decode_image(b)).numpy() for b in images])
+    es = EvalSpec(*spec)
+    tf = _TF.get(spec) or _TF.setdefault(spec, eval_transform(es))
+    return np.stack([tf(decode_image(b, spec=es)).numpy() for b in images])
+
+
+def one_pass_transform(spec: EvalSpec) -> T.Compose:
+    """The eval transform before reduce-on-load: full decode, one antialiased bilinear resize (torchvision)."""
+    return T.Compose([T.Resize(spec.eval_resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                      T.CenterCrop(spec.image_size), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
 def preprocess_costs(spec: EvalSpec, rounds: int, repeats: int) -> dict:
-    """ms/image of decode + eval transform by format (JPEG/PNG) and size (small/large), one core, alternated."""
+    """ms/image of decode + eval transform by format (JPEG/PNG) and size (small/large), one core, alternated with
+    the one-pass alternative (full decode + one resize) on the same bytes; the largest pixel difference between the
+    two in grey levels (0-255)."""
     imgs = benchdata.images_by_format_and_size()
-    tf = eval_transform(spec)
-    fns = {k: (lambda b=b: _timeit(lambda: tf(decode_image(b)), repeats) * 1e3) for k, b in imgs.items()}
-    out = {f"preprocess_ms_{k}": v for k, v in _alternate(fns, rounds).items()}
-    out.update({f"preprocess_bytes_{k}": len(b) for k, b in imgs.items()})
+    tf, old = eval_transform(spec), one_pass_transform(spec)
+    fns = {}
+    for k, b in imgs.items():
+        fns[k] = lambda b=b: _timeit(lambda: tf(decode_image(b, spec=spec)), repeats) * 1e3
+        fns[f"{k}_one_pass"] = lambda b=b: _timeit(lambda: old(decode_image(b)), repeats) * 1e3
+    ms = _alternate(fns, rounds)
+    out = {f"preprocess_ms_{k}": v for k, v in ms.items()}
+    grey = torch.tensor(spec.std).view(3, 1, 1) * 255
+    for k, b in imgs.items():
+        out[f"preprocess_{k}_reduce_on_load_vs_one_pass_speedup"] = ms[f"{k}_one_pass"] / ms[k]
+        diff = (tf(decode_image(b, spec=spec)) - old(decode_image(b))).abs() * grey
+        out[f"preprocess_{k}_max_grey_level_diff"] = float(diff.max())
+        out[f"preprocess_bytes_{k}"] = len(b)
     return out
 
 
@@ -224,7 +243,7 @@ def run(out_dir: Path, quick: bool = False, checkpoint: Optional[str | Path] = N
         export = work / "export"
         export_onnx(ckpt, export)
         if "model" in sections:
-            x = torch.from_numpy(np.stack([eval_transform(spec)(decode_image(b)).numpy() for b in benchdata.photo_mix()]))
+            x = torch.from_numpy(np.stack([eval_transform(spec)(decode_image(b, spec=spec)).numpy() for b in benchdata.photo_mix()]))
             figures.update(model_figures(model, export / EXPORT_ONNX, x, rounds, 5 if quick else 10))
         if "int8" in sections or ("triton" in sections and not quick):
             figures.update(int8_figures(export, cfg, classes, Path(data_root) if data_root else None, work, quick, rounds))

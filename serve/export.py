@@ -14,6 +14,7 @@ from torch import nn
 
 from serve.contract import EXPORT_LABELS, EXPORT_ONNX, EXPORT_SPEC, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
+from train.transforms import EvalSpec, decode_image, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,16 @@ def load_checkpoint(checkpoint: str | Path):
 
 def eval_batch(images: Sequence[bytes], cfg) -> torch.Tensor:
     """Encoded images -> [N, 3, S, S] through the training eval transform (the same code preprocess runs)."""
-    from train.transforms import EvalSpec, decode_image, eval_transform
-
-    tf = eval_transform(EvalSpec.from_data_config(cfg.data))
-    return torch.stack([tf(decode_image(b, cfg.serve.max_image_bytes, cfg.serve.max_image_pixels)) for b in images])
+    spec = EvalSpec.from_data_config(cfg.data)
+    tf = eval_transform(spec)
+    return torch.stack([tf(decode_image(b, cfg.serve.max_image_bytes, cfg.serve.max_image_pixels, spec)) for b in images])
 
 
 def serving_spec(cfg, classes: list[str]) -> dict:
     """What a Triton repository needs besides the ONNX: the eval-transform spec, the serving limits, the classes."""
     d, sv = cfg.data, cfg.serve
     return {
-        "eval": {"image_size": d.image_size, "eval_resize": d.eval_resize, "mean": list(d.mean), "std": list(d.std)},
+        "eval": EvalSpec.from_data_config(d).to_dict(),
         "serve": {k: getattr(sv, k) for k in ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instances",
                                               "preprocess_instances", "max_image_bytes", "max_image_pixels")}
                  | ({"max_request_bytes": sv.max_request_bytes} if hasattr(sv, "max_request_bytes") else {}),

@@ -56,8 +56,7 @@ def eval_spec(spec) -> EvalSpec:
     if isinstance(spec, dict):
         d = spec.get("eval", spec)
         try:
-            return EvalSpec(int(d["image_size"]), int(d["eval_resize"]), tuple(float(v) for v in d["mean"]),
-                            tuple(float(v) for v in d["std"]))
+            return EvalSpec.from_dict(d)
         except (KeyError, TypeError, ValueError) as err:
             raise ServeError(f"the spec has no usable eval transform ({type(err).__name__}: {err}); pass the export "
                              "folder's serving_spec.json or the training config.") from None
@@ -67,11 +66,12 @@ def eval_spec(spec) -> EvalSpec:
 
 def pixels(paths: Sequence[Path], spec) -> np.ndarray:
     """Image files -> float32 [N, 3, S, S] through the training eval transform (what preprocess serves)."""
-    tf = eval_transform(eval_spec(spec))
+    es = eval_spec(spec)
+    tf = eval_transform(es)
     out = []
     for p in paths:
         try:
-            out.append(tf(decode_image(Path(p).read_bytes())).numpy())
+            out.append(tf(decode_image(Path(p).read_bytes(), spec=es)).numpy())
         except (OSError, ImageDecodeError) as err:
             raise ServeError(f"image '{p}' cannot be used for int8 calibration/validation ({err}); remove it.") from None
     return np.stack(out).astype(np.float32)

@@ -24,6 +24,11 @@ def test_quick_preprocess_bench_writes_figures_by_format_and_size(tmp_path):
         for size in ("small", "large"):
             assert 0 < fig[f"preprocess_ms_{fmt}_{size}"] < 1000
             assert fig[f"preprocess_bytes_{fmt}_{size}"] > 0
+            # side by side with the one-pass resize (full decode) on the same bytes
+            assert fig[f"preprocess_{fmt}_{size}_reduce_on_load_vs_one_pass_speedup"] > 0
+        # 96 px inputs are under 3 x the demo's 32 px target: no reduction, the same pixels; 1000 px ones are reduced
+        assert fig[f"preprocess_{fmt}_small_max_grey_level_diff"] == 0
+        assert 0 < fig[f"preprocess_{fmt}_large_max_grey_level_diff"] <= 20
         # A 1000 px photo costs more to decode and downscale than a 96 px one.
         assert fig[f"preprocess_ms_{fmt}_large"] > fig[f"preprocess_ms_{fmt}_small"]
     assert ((ROOT / "BENCHMARKS.md").read_bytes() if before is not None else None) == before  # --no-markdown

@@ -142,4 +142,4 @@ def test_dali_eval_loader_matches_torchvision_on_small_pngs(tiny_imagefolder):
 def test_eval_transform_is_the_single_definition():
     spec = EvalSpec(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     names = [type(t).__name__ for t in eval_transform(spec).transforms]
-    assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert names == ["ResizeShorter", "CenterCrop", "ToTensor", "Normalize"]

@@ -82,6 +82,6 @@ def test_uint8_transfer_normalised_on_device_equals_totensor_normalize(tiny_imag
     for channels_last in (False, True):
         got = torch.cat([x for x, _ in build_eval_loader(cfg, split, 1, 0, channels_last=channels_last)])
         assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        tf = eval_transform(EvalSpec.from_data_config(cfg))
-        want = torch.stack([tf(decode_image(open(p, "rb").read())) for p in split.paths])
+        spec = EvalSpec.from_data_config(cfg)
+        want = torch.stack([eval_transform(spec)(decode_image(open(p, "rb").read(), spec=spec)) for p in split.paths])
         assert torch.equal(got, want)  # bit-identical to ToTensor + Normalize on the worker

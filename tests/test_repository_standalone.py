@@ -74,7 +74,8 @@ def test_moved_repository_served_from_stub_environment_classifies_like_pytorch(s
     images = standalone["images"]
     ref, classes = reference_probabilities(standalone["ckpt"], list(images.values()))
     _, cfg, _ = load_checkpoint(standalone["ckpt"])
-    tf = eval_transform(EvalSpec.from_data_config(cfg.data))
+    spec = EvalSpec.from_data_config(cfg.data)
+    tf = eval_transform(spec)
     started = standalone["dir"] / "started"
     for f in started.iterdir():
         f.unlink()
@@ -90,7 +91,7 @@ def test_moved_repository_served_from_stub_environment_classifies_like_pytorch(s
             inp = g.InferInput("image", [1, len(data)], "UINT8")
             inp.set_data_from_numpy(np.frombuffer(data, np.uint8)[None])
             pixels = client.infer("preprocess", [inp]).as_numpy("pixels")
-            np.testing.assert_allclose(pixels[0], tf(decode_image(data)).numpy(), rtol=0, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(pixels[0], tf(decode_image(data, spec=spec)).numpy(), rtol=0, atol=1e-6, err_msg=name)
             r = clf.classify_bytes(data, k=3, name=name)
             assert r.ok, r.error
             assert r.top[0].label == classes[int(ref[i].argmax())] and abs(r.top[0].score - float(ref[i].max())) < 1e-4, (name, r)

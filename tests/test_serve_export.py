@@ -147,7 +147,7 @@ def test_every_config_pbtxt_parses_as_model_config(export_dir, tmp_path, target)
     assert params == {"EVAL_SPEC_FILE": C.EVAL_SPEC_FILE, "MAX_IMAGE_BYTES": "20000000", "MAX_IMAGE_PIXELS": "40000000",
                       "MAX_REQUEST_BYTES": "40000000", "TORCH_THREADS": "1"}
     assert json.loads((repo / C.PREPROCESS / "1" / C.EVAL_SPEC_FILE).read_text()) == {
-        "image_size": 32, "eval_resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+        "image_size": 32, "eval_resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "reducing_gap": 3.0}
     assert (repo / "preprocess/warmup/sample.jpg").stat().st_size == pre.model_warmup[0].inputs["image"].dims[0]
     # Standalone: nothing in the repository names the checkout (no PROJECT_ROOT, no path of this repository).
     for f in repo.rglob("*"):

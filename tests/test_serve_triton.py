@@ -46,11 +46,12 @@ def test_preprocess_pixels_equal_training_eval_transform(served):
     from train.transforms import EvalSpec, decode_image, eval_transform
 
     _, cfg, _ = load_checkpoint(served["ckpt"])
-    tf = eval_transform(EvalSpec.from_data_config(cfg.data))
+    spec = EvalSpec.from_data_config(cfg.data)
+    tf = eval_transform(spec)
     g, client = _grpc(served["server"])
     for name, data in served["images"].items():
         got = _infer(g, client, "preprocess", "image", np.frombuffer(data, np.uint8)[None], "UINT8", output="pixels")
-        want = tf(decode_image(data)).numpy()
+        want = tf(decode_image(data, spec=spec)).numpy()
         assert got.shape == (1, 3, 32, 32), name
         np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-6, err_msg=name)
         assert float(np.abs(got).sum()) > 1.0

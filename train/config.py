@@ -24,6 +24,8 @@ class DataConfig(_Section):
         "auto", description="Input pipeline: DALI (GPU 'mixed' decode with a GPU, CPU otherwise), torchvision, or auto (DALI if installed).")
     image_size: int = Field(224, ge=8, description="Training crop and eval centre-crop size in pixels.")
     eval_resize: int = Field(256, ge=8, description="Eval: shorter side resized to this before the centre crop.")
+    eval_reducing_gap: Optional[float] = Field(
+        3.0, ge=1.0, description="Eval and serving: a large input is first shrunk by an integer factor (a JPEG in its decoder, others by a box filter), never below this multiple of eval_resize, then resized; null resizes in one pass (slower on large photos).")
     batch_size: int = Field(64, ge=1, description="Batch size per rank (per GPU).")
     workers: int = Field(2, ge=0, description="Loader worker processes (torchvision) or DALI CPU threads and file-reading threads per rank (files are read with plain reads, never mmap: safe on NFS/Lustre).")
     on_corrupt: Literal["fail", "skip"] = Field(

@@ -19,7 +19,7 @@ from train.config import DataConfig
 from train.dali import dali_available, dali_eval_passes, dali_train_passes
 from train.listing import (IMAGE_EXTENSIONS, SPLITS, DataError, Dataset, Split, check_image, list_classes,  # noqa: F401
                            list_dataset, scan_split)
-from train.transforms import EvalSpec, eval_transform, train_transform
+from train.transforms import EvalSpec, draft_for_eval, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,17 @@ def _uint8_transform(compose: T.Compose) -> tuple[T.Compose, tuple, tuple]:
 class _FolderDataset(torch.utils.data.Dataset):
     """Item key (sample index, epoch) -> (uint8 CHW image, index actually used, 1 if substituted for a bad file)."""
 
-    def __init__(self, paths: list[str], transform, seed: Optional[int], on_corrupt: str):
+    def __init__(self, paths: list[str], transform, seed: Optional[int], on_corrupt: str, eval_spec: Optional[EvalSpec]):
         self.paths, self.transform, self.seed, self.on_corrupt = paths, transform, seed, on_corrupt
+        self.eval_spec = eval_spec  # eval: large JPEGs decode at reduced scale, as serving's decode_image(spec=) does
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _open(self, idx: int) -> Image.Image:
         with Image.open(self.paths[idx]) as im:
+            if self.eval_spec is not None:
+                draft_for_eval(im, self.eval_spec)
             return im.convert("RGB")
 
     def _load(self, idx: int) -> tuple[Image.Image, int, int]:
@@ -136,14 +139,14 @@ class _TorchPasses:
     float NCHW images on ``device`` and their sample indices."""
 
     def __init__(self, data: DataConfig, paths: list[str], compose: T.Compose, seed: Optional[int],
-                 device: Optional[torch.device], channels_last: bool):
+                 device: Optional[torch.device], channels_last: bool, eval_spec: Optional[EvalSpec] = None):
         transform, mean, std = _uint8_transform(compose)
         self.device, self.channels_last = device or torch.device("cpu"), channels_last
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.batches = _PlanBatches(data.batch_size)
         self.substituted = 0
-        ds = _FolderDataset(paths, transform, seed, data.on_corrupt)
+        ds = _FolderDataset(paths, transform, seed, data.on_corrupt, eval_spec)
         w = data.workers
         self.loader = torch.utils.data.DataLoader(ds, batch_sampler=self.batches, num_workers=w,
                                                   pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
@@ -250,8 +253,8 @@ def build_eval_loader(data: DataConfig, split: Split, world: int, rank: int, dev
     if backend == "dali":
         passes = _kept(key, lambda: dali_eval_passes(data, split.paths, device, channels_last))
         return Loader(lambda: passes.passes(mine), steps, passes)
-    compose = eval_transform(EvalSpec.from_data_config(data))
-    passes = _kept(key, lambda: _TorchPasses(data, split.paths, compose, None, device, channels_last))
+    spec = EvalSpec.from_data_config(data)
+    passes = _kept(key, lambda: _TorchPasses(data, split.paths, eval_transform(spec), None, device, channels_last, spec))
     return Loader(lambda: passes.passes(mine, 0), steps, passes)
 
 

@@ -26,8 +26,7 @@ class TritonPythonModel:
         p = sv.params(cfg)
         torch.set_num_threads(int(p.get("TORCH_THREADS", "1")))
         spec = sv.read_json(args, p.get("EVAL_SPEC_FILE", "eval_spec.json"))
-        self.spec = seresnet_eval.EvalSpec(int(spec["image_size"]), int(spec["eval_resize"]),
-                                           tuple(spec["mean"]), tuple(spec["std"]))
+        self.spec = seresnet_eval.EvalSpec.from_dict(spec)
         self.transform = seresnet_eval.eval_transform(self.spec)
         self.decode, self.decode_error = seresnet_eval.decode_image, seresnet_eval.ImageDecodeError
         self.max_bytes = int(p["MAX_IMAGE_BYTES"])
@@ -47,7 +46,7 @@ class TritonPythonModel:
         self.sv.check_image_bytes(data, self.max_bytes)
         self.sv.image_format(data)
         try:
-            img = self.decode(data, self.max_bytes, self.max_pixels)
+            img = self.decode(data, self.max_bytes, self.max_pixels, self.spec)
         except self.decode_error as err:
             raise self.sv.Rejected(self.sv.rejection_reason(str(err)), str(err)) from None
         return self.transform(img).numpy()
