@@ -63,7 +63,8 @@ def _repository(a) -> int:
     from serve.repository import write_model_repository
 
     out = write_model_repository(a.export or a.checkpoint, a.out, a.target, precision=a.precision, onnx_path=a.onnx,
-                                 plan=a.plan, plan_cc=a.plan_cc, ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads)
+                                 plan=a.plan, plan_cc=a.plan_cc, ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads,
+                                 preprocess=a.preprocess)
     meta = json.loads((out / "repository.json").read_text())
     print(f"[repository] {out} (target {meta['target']}, {meta['precision']}): models {', '.join(meta['models'])}; "
           f"serve it with: python -m serve up --repository {a.out}")
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plan-cc", help="tensorrt: compute capability the plan was built for, e.g. 8.0")
     r.add_argument("--ort-tensorrt", action="store_true", help="onnx: enable ONNX Runtime's TensorRT accelerator with an engine cache")
     r.add_argument("--ort-threads", type=int, default=0, help="cpu: ONNX Runtime intra-op threads (0 = all cores)")
+    r.add_argument("--preprocess", choices=["python", "dali"], default="python",
+                   help="python: PIL decode + the training eval transform (any target); dali (onnx, tensorrt): a python "
+                        "guard checks each request, then DALI decodes on the GPU (nvJPEG) with the trainer's DALI eval "
+                        "graph (default python)")
     r.set_defaults(func=_repository)
 
     u = sub.add_parser("up", help="Run tritonserver in the foreground on 127.0.0.1 until SIGTERM.")

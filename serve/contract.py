@@ -9,15 +9,23 @@ CLASSIFIER = "se_resnet50"      # the network (python/onnxruntime/tensorrt)
 PREPROCESS = "preprocess"       # encoded bytes -> normalised pixels (one eval transform, shared with training)
 POSTPROCESS = "postprocess"     # probabilities -> classification extension answer
 ENSEMBLE = "classify"           # the one model clients call
+GUARD = "guard"                 # --preprocess dali: python request checks in front of the DALI decoder (no decode)
 
 # Tensors
 ENSEMBLE_INPUT = "image"        # TYPE_UINT8, dims [-1], batched: encoded JPEG/PNG bytes
 PIXELS = "pixels"               # preprocess -> classifier
+CHECKED_IMAGE = "checked_image" # guard -> DALI preprocess: the same bytes, only for requests that passed
 INPUT_NAME = "input"            # ONNX/plan input: float32 [N, 3, S, S], normalised pixels
 OUTPUT_NAME = "probabilities"   # ONNX/plan/ensemble output: float32 [N, num_classes], softmax
 
 # Repository targets
 TARGETS = ("cpu", "onnx", "tensorrt")
+# How `preprocess` decodes: the python model (PIL, the training eval transform) on any target, or DALI (nvJPEG on the
+# GPU, the trainer's DALI eval graph) on the GPU targets.
+PREPROCESS_BACKENDS = ("python", "dali")
+DALI_PIPELINE_FILE = "dali.py"          # preprocess/1/ with DALI: autoserialized by the DALI backend at load
+DALI_EVAL_FILE = "seresnet_dali_eval.py"  # beside it: train/dali_eval.py verbatim
+DALI_PARAMS_FILE = "dali_params.json"   # beside it: input name, batch size, threads
 
 # TensorRT plans are per GPU architecture: Triton's cc_model_filenames picks the file for the serving GPU.
 # Turing, Ampere (A100, A10/A40), Ada (L4/L40), Hopper (H100/H200), Blackwell (B200 = 10.0, RTX PRO/5090 = 12.0).

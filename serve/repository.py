@@ -18,15 +18,16 @@ from typing import Optional
 
 import serve.contract
 import train.transforms
-from serve.contract import (CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE, ENSEMBLE_INPUT, EVAL_SPEC_FILE, EXPORT_INT8_ONNX,
-                            EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS, PREPROCESS,
-                            REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
+from serve.contract import (CHECKED_IMAGE, CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE, ENSEMBLE_INPUT, EVAL_SPEC_FILE,
+                            EXPORT_INT8_ONNX, EXPORT_ONNX, GUARD, INPUT_NAME, OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS,
+                            PREPROCESS, PREPROCESS_BACKENDS, REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
 from serve.errors import ServeError
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
+from serve.repository_dali import add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"   # python model sources, copied into version folders
 MODEL_SOURCES = {CLASSIFIER: RUNTIME / "classifier.py", PREPROCESS: RUNTIME / "preprocess.py",
-                 POSTPROCESS: RUNTIME / "postprocess.py"}
+                 POSTPROCESS: RUNTIME / "postprocess.py", GUARD: RUNTIME / "guard.py"}
 # train/transforms.py imports this from the project only for a type annotation (strings under
 # `from __future__ import annotations`): the serving copy drops it and needs nothing else from the project.
 ANNOTATION_ONLY_IMPORT = "from train.config import DataConfig"
@@ -122,15 +123,17 @@ def postprocess_config(serve_cfg, num_classes: int):
     return cfg
 
 
-def ensemble_config(serve_cfg, num_classes: int, with_postprocess: bool):
-    """`classify`: image bytes -> preprocess -> se_resnet50 [-> postprocess]; top-k through the classification extension."""
+def ensemble_config(serve_cfg, num_classes: int, with_postprocess: bool, with_guard: bool = False):
+    """`classify`: image bytes [-> guard] -> preprocess -> se_resnet50 [-> postprocess]; top-k through the
+    classification extension. The guard step comes with the DALI preprocess."""
     mc = _pb()
     cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=serve_cfg.max_batch_size)
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
     cfg.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[num_classes], label_filename="labels.txt")
     steps = cfg.ensemble_scheduling.step
+    source = add_guard_step(steps) if with_guard else ENSEMBLE_INPUT
     pre = steps.add(model_name=PREPROCESS, model_version=-1)
-    pre.input_map[ENSEMBLE_INPUT] = ENSEMBLE_INPUT
+    pre.input_map[CHECKED_IMAGE if with_guard else ENSEMBLE_INPUT] = source
     pre.output_map[PIXELS] = PIXELS
     cls = steps.add(model_name=CLASSIFIER, model_version=-1)
     cls.input_map[INPUT_NAME] = PIXELS
@@ -208,7 +211,7 @@ def prepare_out(out_dir: str | Path) -> Path:
     if out.is_dir() and any(out.iterdir()) and not ours:
         raise ServeError(f"--out '{out_dir}' is a non-empty folder that 'serve repository' did not write (no {REPOSITORY_MARKER}); "
                          "pass a new or empty folder.")
-    for name in (CLASSIFIER, PREPROCESS, POSTPROCESS, ENSEMBLE):
+    for name in (CLASSIFIER, PREPROCESS, POSTPROCESS, ENSEMBLE, GUARD):
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPOSITORY_MARKER).write_text("written by python -m serve repository; it may overwrite this folder\n")
@@ -239,7 +242,7 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
                            onnx_path: Optional[str | Path] = None, plan: Optional[str | Path] = None,
                            plan_cc: Optional[str] = None, ort_tensorrt: bool = False, ort_threads: int = 0,
                            preprocess_instances: Optional[int] = None, images=None,
-                           max_request_bytes: Optional[int] = None) -> Path:
+                           max_request_bytes: Optional[int] = None, preprocess: str = "python") -> Path:
     """Write a servable, self-contained Triton repository into ``out_dir`` and return its path.
 
     ``source``: an export folder (``python -m serve export``: model.onnx [+ model.int8.onnx], serving_spec.json,
@@ -248,13 +251,20 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
     (onnxruntime_onnx, optionally with the TensorRT accelerator), 'tensorrt' (tensorrt_plan named per compute
     capability; the ONNX kept alongside for the init container; ``plan``/``plan_cc`` copy a plan built with
     ``python -m serve trt``) or 'int8' (= 'cpu' with ``precision='int8'``). ``precision='int8'`` serves the export
-    folder's model.int8.onnx (static QDQ) through the target's route. ``out_dir`` must be new, empty or a
-    repository this writer made.
+    folder's model.int8.onnx (static QDQ) through the target's route. ``preprocess``: 'python' (PIL, the training
+    eval transform; any target) or 'dali' (GPU targets: `guard` checks each request without decoding, then DALI
+    decodes on the GPU with the trainer's DALI eval graph). ``out_dir`` must be new, empty or a repository this
+    writer made.
     """
     if target == "int8":
         target, precision = "cpu", "int8"
     if target not in TARGETS:
         raise ServeError(f"unknown target '{target}'; choose one of {', '.join(REPOSITORY_TARGETS)}.")
+    if preprocess not in PREPROCESS_BACKENDS:
+        raise ServeError(f"unknown preprocess '{preprocess}'; choose one of {', '.join(PREPROCESS_BACKENDS)}.")
+    if preprocess == "dali" and target == "cpu":
+        raise ServeError("--preprocess dali decodes on a GPU; use it with --target onnx or tensorrt "
+                         "(the cpu and int8 targets decode with the python preprocess).")
     if precision not in PRECISIONS:
         raise ServeError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
     if not Path(source).exists():
@@ -281,20 +291,26 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
 
         jpeg = _warmup_jpeg(size)
         request_cap = max_request_bytes or default_max_request_bytes(s)
-        pre_files = {**runtime_files(PREPROCESS), "1/seresnet_eval.py": eval_module_source().encode(),
-                     f"1/{EVAL_SPEC_FILE}": json.dumps(ev, indent=2).encode(), "warmup/sample.jpg": jpeg}
-        _write_model(out, PREPROCESS, preprocess_config(s, size, len(jpeg), preprocess_instances or s.preprocess_instances,
-                                                        request_cap), pre_files)
+        instances = preprocess_instances or s.preprocess_instances
+        if preprocess == "dali":
+            _write_model(out, GUARD, guard_config(_pb(), s, instances, request_cap, _batching), runtime_files(GUARD))
+            _write_model(out, PREPROCESS, dali_preprocess_config(_pb(), s, size, _batching),
+                         dali_preprocess_files(ev, s.max_batch_size))
+        else:
+            pre_files = {**runtime_files(PREPROCESS), "1/seresnet_eval.py": eval_module_source().encode(),
+                         f"1/{EVAL_SPEC_FILE}": json.dumps(ev, indent=2).encode(), "warmup/sample.jpg": jpeg}
+            _write_model(out, PREPROCESS, preprocess_config(s, size, len(jpeg), instances, request_cap), pre_files)
         with_post = target != "cpu"  # the CPU classifier is python and records the metrics itself
         if with_post:
             _write_model(out, POSTPROCESS, postprocess_config(s, n), runtime_files(POSTPROCESS), labels=classes)
-        _write_model(out, ENSEMBLE, ensemble_config(s, n, with_post), {}, labels=classes)
+        _write_model(out, ENSEMBLE, ensemble_config(s, n, with_post, preprocess == "dali"), {}, labels=classes)
         (out / "repository.json").write_text(json.dumps({
             "source": str(Path(source).resolve()), "checkpoint": spec.get("checkpoint"), "target": target,
-            "precision": precision, "classes": classes, "eval_spec": ev,
+            "precision": precision, "preprocess": preprocess, "classes": classes, "eval_spec": ev,
             "onnx_sha256": hashlib.sha256(onnx.read_bytes()).hexdigest(),
             "limits": {"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
                        "max_request_bytes": request_cap},
-            "models": [CLASSIFIER, PREPROCESS] + ([POSTPROCESS] if with_post else []) + [ENSEMBLE],
+            "models": [CLASSIFIER] + ([GUARD] if preprocess == "dali" else []) + [PREPROCESS]
+                      + ([POSTPROCESS] if with_post else []) + [ENSEMBLE],
         }, indent=2))
     return out

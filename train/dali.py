@@ -15,16 +15,11 @@ import numpy as np
 import torch
 
 from train.config import DataConfig
+from train.dali_eval import decoder_kwargs, eval_graph, normalize
 from train.listing import DataError, check_image
 from train.transforms import EvalSpec
 
 log = logging.getLogger(__name__)
-
-# nvJPEG allocation padding for 'mixed' decode, the values NVIDIA's DeepLearningExamples ConvNets use
-# (image_classification/dataloaders.py): avoids reallocations when a larger image arrives mid-epoch.
-DEVICE_MEMORY_PADDING = 211025920
-HOST_MEMORY_PADDING = 140544512
-
 
 def dali_available() -> bool:
     try:
@@ -43,12 +38,6 @@ def _dali_device(device: Optional[torch.device]) -> tuple[Optional[int], str]:
 
 def _threads(data: DataConfig) -> int:
     return max(1, data.workers)
-
-
-def _decoder_kwargs(decode_device: str) -> dict:
-    if decode_device != "mixed":
-        return {}
-    return {"device_memory_padding": DEVICE_MEMORY_PADDING, "host_memory_padding": HOST_MEMORY_PADDING}
 
 
 def _read(path: str) -> np.ndarray:
@@ -91,16 +80,6 @@ def _source_node(source: _Source):
     return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
 
 
-def _normalize(images, data: DataConfig, crop: Optional[int], mirror, channels_last: bool):
-    """float output, CHW, or HWC when the consumer wants channels_last: an NHWC batch is an NCHW channels_last
-    tensor after a free permute (no copy)."""
-    from nvidia.dali import fn, types
-    kwargs = {"crop": (crop, crop), "crop_pos_x": 0.5, "crop_pos_y": 0.5} if crop else {}
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
-                                    mean=[m * 255.0 for m in data.mean], std=[s * 255.0 for s in data.std],
-                                    mirror=mirror, **kwargs)
-
-
 def build_train_pipeline(data: DataConfig, source: _Source, seed: int, device: Optional[torch.device] = None,
                          channels_last: bool = False, image_size: Optional[int] = None):
     """RandomResizedCrop(scale_min..1), flip, brightness/contrast/saturation jitter, rotation, normalise."""
@@ -115,7 +94,7 @@ def build_train_pipeline(data: DataConfig, source: _Source, seed: int, device: O
         encoded, index = _source_node(source)
         images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
                                                random_area=[data.scale_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                               **_decoder_kwargs(decode_device))
+                                               **decoder_kwargs(decode_device))
         if r > 0 and decode_device == "cpu":
             images = _resize_rotate_fused(images, size, fn.random.uniform(range=(-r, r)))
         else:
@@ -127,7 +106,7 @@ def build_train_pipeline(data: DataConfig, source: _Source, seed: int, device: O
             images = fn.color_twist(images, brightness=fn.random.uniform(range=(1 - j, 1 + j)),
                                     contrast=fn.random.uniform(range=(1 - j, 1 + j)),
                                     saturation=fn.random.uniform(range=(1 - j, 1 + j)))
-        images = _normalize(images, data, None, fn.random.coin_flip(probability=data.flip_p), channels_last)
+        images = normalize(images, data.mean, data.std, None, fn.random.coin_flip(probability=data.flip_p), channels_last)
         return images, index
 
     return pipe()
@@ -158,8 +137,8 @@ def _resize_rotate_fused(images, size: int, angle):
 
 def build_eval_pipeline(data: DataConfig, source: _Source, device: Optional[torch.device] = None,
                         channels_last: bool = False):
-    """The DALI twin of train.transforms.eval_transform: resize shorter side, centre crop, normalise."""
-    from nvidia.dali import fn, pipeline_def, types
+    """The DALI twin of train.transforms.eval_transform (train/dali_eval.py: the graph Triton's DALI preprocess runs)."""
+    from nvidia.dali import pipeline_def
 
     device_id, decode_device = _dali_device(device)
     spec = EvalSpec.from_data_config(data)
@@ -167,24 +146,10 @@ def build_eval_pipeline(data: DataConfig, source: _Source, device: Optional[torc
     @pipeline_def(batch_size=data.batch_size, num_threads=_threads(data), device_id=device_id, seed=0)
     def pipe():
         encoded, index = _source_node(source)
-        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **_decoder_kwargs(decode_device))
-        images = fn.resize(images, **_torchvision_resize_args(images, spec.eval_resize), interp_type=types.INTERP_LINEAR,
-                           antialias=True)
-        images = _normalize(images, data, spec.image_size, 0, channels_last)
-        return images, index
+        return eval_graph(encoded, spec.image_size, spec.eval_resize, spec.mean, spec.std, decode_device,
+                          channels_last), index
 
     return pipe()
-
-
-def _torchvision_resize_args(images, size: int) -> dict:
-    """Output size exactly as torchvision's Resize(int): shorter side -> size, longer side truncated (not rounded)."""
-    from nvidia.dali import math as dmath, types
-
-    shape = images.shape(dtype=types.FLOAT)  # HWC
-    h, w = shape[0], shape[1]
-    short = dmath.min(h, w)
-    # +1e-3 guards float32 error on exact integers; int() in torchvision truncates
-    return {"resize_y": dmath.floor(h * size / short + 1e-3), "resize_x": dmath.floor(w * size / short + 1e-3)}
 
 
 def _to_torch(tl, device: Optional[torch.device]) -> torch.Tensor:

@@ -66,6 +66,32 @@ def check_request(images: np.ndarray, max_request_bytes: int) -> None:
                                         f"of {max_request_bytes}; send fewer or smaller images per request")
 
 
+# The last marker of a complete file: JPEG end-of-image, PNG's IEND chunk type. Rows of a multi-image request are
+# zero-padded to a common length, so the padding is stripped first.
+TRAILER = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def check_without_decoding(data: bytes, max_bytes: int, max_pixels: int) -> None:
+    """The guards of the DALI route: size, format, pixel count from the header, a complete file; no pixel decoded."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    check_image_bytes(data, max_bytes)
+    fmt = image_format(data)
+    if TRAILER[fmt] not in data.rstrip(b"\0")[-4096:]:
+        raise Rejected("decode", f"truncated {fmt} ({len(data)} bytes, no end marker); send the whole file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:   # parses the header only
+            w, h = img.size
+    except Image.DecompressionBombError as err:   # Pillow's own guard, far above ours: still a pixel refusal
+        raise Rejected("pixels", f"image over the pixel limit of {max_pixels} ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise Rejected("decode", f"not a decodable {fmt} ({type(err).__name__}: {err})") from None
+    if w * h > max_pixels:
+        raise Rejected("pixels", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+
+
 def rejection_reason(message: str) -> str:
     """The counter label of a decode_image refusal (its messages name the limit that was hit)."""
     if "pixels, over the limit" in message:

@@ -1,0 +1,58 @@
+"""The DALI route of a GPU repository (`serve repository --preprocess dali`): `guard` (python request checks, no
+decode) -> `preprocess` (DALI backend: nvJPEG decode and the trainer's DALI eval graph on the GPU).
+
+Model configs and version-folder files; serve/repository.py writes them beside se_resnet50 and the ensemble.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import train.dali_eval
+from serve.contract import (CHECKED_IMAGE, DALI_EVAL_FILE, DALI_PARAMS_FILE, DALI_PIPELINE_FILE, ENSEMBLE_INPUT,
+                            EVAL_SPEC_FILE, GUARD, PIXELS, PREPROCESS)
+
+RUNTIME = Path(__file__).resolve().parent / "triton_runtime"
+DALI_THREADS = 4   # CPU threads of the DALI pipeline (JPEG headers, PNG decode stays on the CPU); 'mixed' decodes on the GPU
+
+
+def guard_config(mc, serve_cfg, instances: int, max_request_bytes: int, batching):
+    """ModelConfig of `guard`: the byte, format, header-pixel and completeness checks; passes the bytes through."""
+    cfg = mc.ModelConfig(name=GUARD, backend="python", max_batch_size=serve_cfg.max_batch_size)
+    cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
+    cfg.output.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1])
+    batching(cfg, serve_cfg)
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for key, value in {"MAX_IMAGE_BYTES": serve_cfg.max_image_bytes, "MAX_IMAGE_PIXELS": serve_cfg.max_image_pixels,
+                       "MAX_REQUEST_BYTES": max_request_bytes}.items():
+        cfg.parameters[key].string_value = str(value)
+    return cfg
+
+
+def dali_preprocess_config(mc, serve_cfg, image_size: int, batching):
+    """ModelConfig of the DALI `preprocess`: one GPU instance (dali_backend's advice), dynamic batching; the pipeline
+    is dali.py in the version folder (autoserialized at load), its input named as the external source."""
+    cfg = mc.ModelConfig(name=PREPROCESS, backend="dali", max_batch_size=serve_cfg.max_batch_size)
+    cfg.input.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1])
+    cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
+    batching(cfg, serve_cfg)
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+    return cfg
+
+
+def dali_preprocess_files(eval_spec: dict, max_batch_size: int) -> dict[str, Path | bytes]:
+    """Version folder of the DALI `preprocess`: dali.py, the trainer's DALI eval graph verbatim, spec and params."""
+    params = {"input": CHECKED_IMAGE, "max_batch_size": int(max_batch_size), "num_threads": DALI_THREADS}
+    return {f"1/{DALI_PIPELINE_FILE}": RUNTIME / "dali_preprocess.py",
+            f"1/{DALI_EVAL_FILE}": Path(inspect.getsourcefile(train.dali_eval)),
+            f"1/{EVAL_SPEC_FILE}": json.dumps(eval_spec, indent=2).encode(),
+            f"1/{DALI_PARAMS_FILE}": json.dumps(params, indent=2).encode()}
+
+
+def add_guard_step(steps) -> str:
+    """The ensemble's first step with DALI: image -> guard -> checked_image (the tensor preprocess reads)."""
+    g = steps.add(model_name=GUARD, model_version=-1)
+    g.input_map[ENSEMBLE_INPUT] = ENSEMBLE_INPUT
+    g.output_map[CHECKED_IMAGE] = CHECKED_IMAGE
+    return CHECKED_IMAGE
