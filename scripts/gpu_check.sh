@@ -9,6 +9,8 @@
 #   5. ONNX export of the trained checkpoint on the GPU, compared with the PyTorch model on the GPU
 #   6. training img/s of SE-ResNet50 at batch 128 (224 px, AMP, channels_last, synthetic data: the GPU, not the
 #      input pipeline) next to NVIDIA DeepLearningExamples' per-GPU ResNet-50 figure for the same GPU
+#   7. the DALI serving preprocess (`serve repository --preprocess dali`): autoserialized as Triton's DALI backend
+#      does it, run with nvJPEG, its pixels held to the python preprocess's (scripts/gpu_dali_check.py)
 # Every step is timed and recorded (ok / failed, seconds, log file); the script exits 1 if any step failed.
 # `--dry-run` prints the steps' commands without running them (what the CPU tests check).
 set -euo pipefail
@@ -139,6 +141,10 @@ res = {"export_seconds": round(time.perf_counter() - t0, 2), "max_abs_diff_vs_to
 assert diff < 1e-3, f"ONNX (exported on GPU) differs from PyTorch on GPU by {diff}"
 PYEOF
 
+# 7. the DALI serving route: its dali.py autoserialized as Triton's DALI backend does, run with nvJPEG on the GPU,
+#    pixels compared with the python preprocess (scripts/gpu_dali_check.py)
+step dali_serving "$PY" -m scripts.gpu_dali_check "$OUT/tv_fp16/checkpoints/last.pt" "$OUT/dali_serving"
+
 step throughput_b128 "$PY" - "$OUT/throughput.json" <<'PYEOF'
 import json, sys, time
 import torch
@@ -191,7 +197,8 @@ resume_log = out / "resume.log"
 report = {"gpu": (out / "nvidia-smi.txt").read_text().strip(), "steps": steps, "preflight": load("preflight.json"),
           "resumed": resume_log.exists() and "resuming from" in resume_log.read_text(),
           "reports": {d: load(f"{d}/report.json") is not None for d in ("tv_fp16", "dali_fp16", "tv_bf16", "dali_bf16", "ds_zero2")},
-          "onnx_gpu": load("onnx_gpu/onnx_gpu.json"), "throughput": load("throughput.json")}
+          "onnx_gpu": load("onnx_gpu/onnx_gpu.json"), "throughput": load("throughput.json"),
+          "dali_serving": load("dali_serving/dali_serving.json")}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 print(f"wrote {out / 'gpu_check.json'}: " + ", ".join(f"{s['name']} {s['status']}" for s in steps))
 PYEOF

@@ -155,7 +155,8 @@ def test_gpu_check_dry_run_covers_every_check_and_each_command_parses(tmp_path):
     assert r.returncode == 0, r.stderr
     steps = dict(l[3:].split("] ", 1) for l in r.stdout.splitlines() if l.startswith("+ ["))
     assert set(steps) == {"preflight", "train_torchvision_fp16", "train_dali_fp16", "train_torchvision_bf16",
-                          "train_dali_bf16", "resume", "deepspeed_zero2_sgd", "onnx_export_gpu", "throughput_b128"}
+                          "train_dali_bf16", "resume", "deepspeed_zero2_sgd", "onnx_export_gpu", "dali_serving",
+                          "throughput_b128"}
     assert not (tmp_path / "gc").exists(), "a dry run writes nothing"
     for name, cmd in steps.items():
         argv = shlex.split(cmd)[1:]
@@ -177,6 +178,9 @@ def test_gpu_check_dry_run_covers_every_check_and_each_command_parses(tmp_path):
                 assert cfg.deepspeed.zero_stage == 2 and cfg.optim.name == "sgd"
             else:
                 assert args.command == "preflight" and args.json
+        elif argv[:2] == ["-m", "scripts.gpu_dali_check"]:
+            assert argv[2].endswith("tv_fp16/checkpoints/last.pt") and len(argv) == 4
+            __import__("scripts.gpu_dali_check")   # imports on a CPU machine (DALI and torch only inside main)
         else:
             assert argv[0] == "-", (name, cmd)   # the inline Python steps (export, throughput)
     assert steps["resume"].count("output_dir=") == 1 and "tv_fp16" in steps["resume"]
