@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch import validate as v
-from serve.contract import DEFAULT_GPU_CCS
+from serve.contract import DEFAULT_GPU_CCS, GUARD
 from train.compat import load_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,14 @@ def test_serve_dockerfile_follows_the_table(row):
             assert got == value, f"{DOCKERFILE.name} ARG {name}={got} but {TABLE} says {value}"
     text = DOCKERFILE.read_text()
     assert "COPY --from=trtexec /out /opt/trtexec" in text and "TensorRT v${TENSORRT_TAG}" in text
+    # the python models' torch: the trainer's version, CPU-only build (no CUDA libraries in the serving image)
+    table = load_table()
+    assert args["TORCH"] == [table["torch"]] and args["TORCHVISION"] == [table["torchvision"]], (args["TORCH"], args["TORCHVISION"])
+    assert args["TORCH_CPU_INDEX"] == ["https://download.pytorch.org/whl/cpu"]
+    assert '--index-url "${TORCH_CPU_INDEX}" "torch==${TORCH}" "torchvision==${TORCHVISION}"' in text
+    assert "torch.version.cuda is None" in text
+    # a --preprocess dali repository needs nvidia.dali importable by the image's python3 (autoserialization)
+    assert f'if [ -f /models/{GUARD}/config.pbtxt ]; then python3 -c "import nvidia.dali"' in text
 
 
 def test_pyproject_tensorrt_extra_is_pinned_to_the_table(row):

@@ -31,17 +31,29 @@ COPY --from=trtexec /out /opt/trtexec
 RUN /opt/trtexec/bin/trtexec --help 2>&1 | grep -q "\[TensorRT v${TENSORRT_TAG}\]"
 
 # numpy<2: Triton 2.51's python backend answers with empty tensors when the stub's environment has numpy 2.
-# torch/torchvision: the shared eval transform used by the preprocess model.
+# torch/torchvision (train/compat.yaml versions): the shared eval transform of the python preprocess model. CPU-only
+# builds: the python models (guard, preprocess, postprocess) run on the CPU, and the CUDA build would add ~3 GB of
+# libraries that the GPU models (TensorRT, ONNX Runtime backends; DALI brings its own) never load.
+ARG TORCH=2.14.1
+ARG TORCHVISION=0.29.1
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /opt/seresnet
 COPY pyproject.toml README.md ./
 COPY train ./train
 COPY serve ./serve
 COPY launch ./launch
-RUN pip install "numpy<2" "pillow>=10" "torch==2.14.1" "torchvision==0.29.1" "pydantic>=2.6" "pyyaml>=6" \
+RUN pip install --index-url "${TORCH_CPU_INDEX}" "torch==${TORCH}" "torchvision==${TORCHVISION}" \
+    && pip install "numpy<2" "pillow>=10" "pydantic>=2.6" "pyyaml>=6" \
     && pip install --no-deps . \
-    && python3 -c "import numpy, train.transforms; assert numpy.__version__ < '2'"
+    && python3 -c "import numpy, torch, train.transforms; assert numpy.__version__ < '2' and torch.version.cuda is None"
 
 COPY --chown=1000:1000 runs/model_repository_k8s /models
+# A repository written with --preprocess dali has a DALI `preprocess` that the DALI backend autoserializes at load by
+# running `python3 -c "import nvidia.dali ..."` (stdlib + DALI only: no numpy in dali.py). Triton 24.04 shipped
+# without nvidia.dali on python3's path (triton-inference-server/dali_backend#244; server#7216 set PYTHONPATH
+# since): fail the build here, not the first rollout, if this image has that gap.
+RUN if [ -f /models/guard/config.pbtxt ]; then python3 -c "import nvidia.dali" || { \
+      echo "python3 in this Triton image cannot import nvidia.dali: the --preprocess dali repository cannot load" >&2; exit 1; }; fi
 # The Deployment runs as uid 1000 (triton-server in NGC images) with a read-only root filesystem.
 USER 1000:1000
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=none"]
