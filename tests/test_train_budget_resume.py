@@ -2,6 +2,7 @@
 a rerun with a changed lr/epochs resumes and honours them; a changed image size or class list refuses in one sentence;
 EMA weights are what best.pt holds for export."""
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -53,13 +54,21 @@ def test_resume_honours_a_lowered_lr_and_more_epochs(tiny_imagefolder, tmp_path)
     assert report["steps"] == 24 and report["resumed"]
 
 
-@pytest.mark.parametrize("change, says", [("data.image_size=24", "data.image_size differs"),
-                                          ("model.se_reduction=8", "model differs"),
-                                          ("optim.name=sgd", "optim.name differs")])
-def test_resume_refuses_an_incompatible_config(tiny_imagefolder, tmp_path_factory, change, says):
+@pytest.fixture(scope="module")
+def trained_run(tiny_imagefolder, tmp_path_factory):
+    """One finished 2-step run; each refusal test resumes a copy of it."""
     out = tmp_path_factory.mktemp("refuse") / "run"
     first = train(out, tiny_imagefolder, "train.max_steps=2", "train.checkpoint_every_steps=1")
     assert first.returncode == 0, first.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("change, says", [("data.image_size=24", "data.image_size differs"),
+                                          ("model.se_reduction=8", "model differs"),
+                                          ("optim.name=sgd", "optim.name differs")])
+def test_resume_refuses_an_incompatible_config(tiny_imagefolder, trained_run, tmp_path, change, says):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     r = train(out, tiny_imagefolder, "train.max_steps=4", change)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -68,9 +77,9 @@ def test_resume_refuses_an_incompatible_config(tiny_imagefolder, tmp_path_factor
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, "nothing lost or overwritten"
 
 
-def test_resume_refuses_a_different_class_list(tiny_imagefolder, tmp_path):
+def test_resume_refuses_a_different_class_list(trained_run, tmp_path):
     out = tmp_path / "run"
-    assert train(out, tiny_imagefolder, "train.max_steps=2").returncode == 0
+    shutil.copytree(trained_run, out)
     other = make_imagefolder(tmp_path / "four", classes=4, counts=(8, 4, 4))
     r = train(out, other, "train.max_steps=4")
     assert r.returncode == 2 and "classes" in r.stderr and "train.resume=false" in r.stderr, r.stderr[-2000:]
