@@ -26,7 +26,7 @@ from torchvision import transforms as T
 from serve import benchdata
 from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
-from serve.export import WithSoftmax, export_onnx, load_checkpoint
+from serve.export import WithSoftmax, export_onnx, load_checkpoint, ort_session
 from serve.loadgen import run_load
 from serve.perf import run_perf_analyzer
 from serve.quantize import compare_latency, drift, pixels, predict, quantize_int8, session
@@ -110,7 +110,8 @@ class InProcess:
     batches of 16 through ONNX Runtime, pipelined (the next batch decodes while the model runs)."""
 
     def __init__(self, onnx: Path, spec: EvalSpec, workers: int):
-        self.sess, self.spec, self.workers = session(onnx), tuple(spec.__dict__.values()), workers
+        # ORT without spinning, as Triton's CPU classifier runs it: the decode workers share its cores.
+        self.sess, self.spec, self.workers = ort_session(onnx, spinning=False), tuple(spec.__dict__.values()), workers
         # spawn: no fork of a process that already runs ORT/OpenMP thread pools.
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
 

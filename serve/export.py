@@ -109,13 +109,16 @@ def _read_images(images: Optional[Iterable[str | Path]], limit: int = 64) -> dic
     return sample_image_bytes()
 
 
-def ort_session(path: str | Path, threads: int = 0):
+def ort_session(path: str | Path, threads: int = 0, spinning: bool = True):
+    """A CPU ONNX Runtime session; ``spinning=False`` when other processes (image decoders) share its cores."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

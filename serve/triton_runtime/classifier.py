@@ -23,6 +23,7 @@ class TritonPythonModel:
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", p.get("ORT_SPINNING", "0"))
         path = os.path.join(args["model_repository"], args["model_version"], p.get("ONNX_FILE", "model.onnx"))
         self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.input_name = cfg["input"][0]["name"]
