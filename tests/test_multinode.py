@@ -5,9 +5,7 @@ uninterrupted run ends (final lr at schedule.eta_min, the same images seen withi
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch.torchrun import build_multinode_argv
-from tests.conftest import PY, ROOT, SMOKE_CONFIG, free_port, subprocess_env
+from tests.conftest import PY, ROOT, SMOKE_CONFIG, free_port, kill_tree, subprocess_env
 from train.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -50,28 +48,6 @@ def start_node(cmd: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_node(proc: subprocess.Popen) -> None:
-    """The node dies: SIGKILL to its launcher's process group and every process under it (workers run in sessions
-    of their own, so they are found by parentage)."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        procs = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait(30)
-
-
 def wait_for_port(endpoint: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     host, port = endpoint.rsplit(":", 1)
     deadline = time.time() + timeout
@@ -90,7 +66,7 @@ def wait_all(procs, timeout: float) -> list[int]:
         return [p.wait(max(1.0, deadline - time.time())) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
-            kill_node(p)
+            kill_tree(p, group=True)
         raise
 
 
@@ -154,7 +130,7 @@ def test_elastic_job_loses_a_node_goes_on_takes_it_back_and_ends_where_the_unint
             time.sleep(0.2)
         assert (out / "checkpoints" / "step-00000004.pt").exists(), logs[0].read_text()[-3000:]
         assert a.poll() is None and b.poll() is None, "the run ended before a node could be killed"
-        kill_node(b)
+        kill_tree(b, group=True)
         rank1_lines = len((out / "samples" / "rank1.txt").read_text().splitlines())
         # Node A re-forms the job alone (world 1) and goes on from the last checkpoint.
         deadline = time.time() + 150
@@ -171,7 +147,7 @@ def test_elastic_job_loses_a_node_goes_on_takes_it_back_and_ends_where_the_unint
     finally:
         for p in procs:
             if p.poll() is None:
-                kill_node(p)
+                kill_tree(p, group=True)
     texts = [log.read_text() for log in logs]
     assert rcs == [0, 0], "\n----\n".join(t[-3000:] for t in texts)
     # Rank 1 exists only in a two-node group: its samples file grew after the kill, so the node came back and

@@ -1,8 +1,6 @@
 """Real torchrun runs: DDP (gloo) over 2 ranks, DeepSpeed ZeRO-1/2 bf16, metrics scraped live, SIGKILL + resume."""
 import json
 import math
-import os
-import signal
 import subprocess
 import time
 import urllib.request
@@ -11,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PY, ROOT, SMOKE_CONFIG, free_port, subprocess_env
+from tests.conftest import PY, ROOT, SMOKE_CONFIG, free_port, kill_tree, subprocess_env
 
 pytestmark = pytest.mark.slow
 PROBE = ROOT / "tests" / "dist_probe.py"
@@ -20,19 +18,6 @@ PROBE = ROOT / "tests" / "dist_probe.py"
 def torchrun_cmd(nproc: int, out: Path, data: Path, *overrides: str, script=PROBE) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
             str(SMOKE_CONFIG), f"data.root={data}", f"output_dir={out}", *overrides]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its workers (the elastic agent puts workers in sessions of their own)."""
-    import psutil
-    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()
 
 
 def scrape(port: int) -> str:
