@@ -17,6 +17,7 @@ from torchvision import transforms as T
 
 from train.config import DataConfig
 from train.dali import dali_available, dali_eval_passes, dali_train_passes
+from train.hardware import data_backend
 from train.listing import (IMAGE_EXTENSIONS, SPLITS, DataError, Dataset, Split, check_image, list_classes,  # noqa: F401
                            list_dataset, scan_split)
 from train.transforms import EvalSpec, draft_for_eval, eval_transform, train_transform
@@ -215,11 +216,9 @@ class Loader:
 
 
 def resolve_backend(data: DataConfig) -> str:
-    if data.backend != "auto":
-        if data.backend == "dali" and not dali_available():
-            raise DataError("data.backend=dali but nvidia-dali is not installed; pip install '.[dali]' or set data.backend=torchvision.")
-        return data.backend
-    return "dali" if dali_available() else "torchvision"
+    if data.backend == "dali" and not dali_available():
+        raise DataError("data.backend=dali but nvidia-dali is not installed; pip install '.[dali]' or set data.backend=torchvision.")
+    return data_backend(data.backend, dali_available())   # the rule hardware.decide applies
 
 
 def build_train_loader(data: DataConfig, split: Split, world: int, rank: int, seed: int, epoch: int,

@@ -143,6 +143,14 @@ def _image_hint(arch: str) -> str:
     return f"use the '{name}' training image ({row['dockerfile']}, torch {row['tag_suffix']})"
 
 
+def data_backend(requested: str, dali_installed: bool) -> str:
+    """The input pipeline for data.backend: 'auto' is DALI where it is installed (GPU 'mixed' decode with a GPU, its
+    CPU pipeline otherwise), else torchvision; an explicit choice stands (decide() reports a missing DALI)."""
+    if requested == "auto":
+        return "dali" if dali_installed else "torchvision"
+    return requested
+
+
 def decide(cfg: Config, facts: Facts, engine: Optional[str] = None) -> Plan:
     """The rule book. Same code for the job start and ``launch preflight``."""
     engine = engine or cfg.engine
@@ -180,10 +188,8 @@ def decide(cfg: Config, facts: Facts, engine: Optional[str] = None) -> Plan:
     elif precision == "fp16" and not gpu and engine == "ddp":
         problems.append("train.precision=fp16 needs a CUDA GPU (GradScaler); use bf16 or fp32 on CPU.")
 
-    backend = cfg.data.backend
-    if backend == "auto":
-        backend = "dali" if facts.dali_installed else "torchvision"
-    elif backend == "dali" and not facts.dali_installed:
+    backend = data_backend(cfg.data.backend, facts.dali_installed)
+    if cfg.data.backend == "dali" and not facts.dali_installed:
         problems.append("data.backend=dali but NVIDIA DALI is not installed; install the 'dali' extra "
                         "(pip install -e '.[dali]') or set data.backend=torchvision.")
     if engine == "deepspeed":
