@@ -68,6 +68,15 @@ if [ ! -x "$tools/prometheus/usr/bin/prometheus" ]; then
   ( cd "$tools/debs" && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; } )
   dpkg -x "$tools"/debs/prometheus_*.deb "$tools/prometheus"
 fi
+# DeepSpeed compiles its CPU shared-memory all-reduce op (deepspeed_shm_comm) at the first distributed start on a
+# CPU (deepspeed/comm/torch.py build_shm_op): ~80 s on 2 cores. Built once here, where installs belong, into the
+# TORCH_EXTENSIONS_DIR that the Makefile, the launcher and the tests all use.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+if [ ! -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; then
+  echo "[setup] building DeepSpeed's CPU shared-memory op into $TORCH_EXTENSIONS_DIR (once, ~1-2 minutes)"
+  "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
+    || echo "[setup] could not prebuild deepspeed_shm_comm; DeepSpeed will build it at its first CPU start"
+fi
 rm -f "$VENV"/.installed-*
 touch "$stamp"
 echo "[setup] ready: $VENV"

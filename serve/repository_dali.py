@@ -20,7 +20,8 @@ DALI_THREADS = 4   # CPU threads of the DALI pipeline (JPEG headers, PNG decode 
 def guard_config(mc, serve_cfg, instances: int, max_request_bytes: int, batching):
     """ModelConfig of `guard`: the byte, format, header-pixel and completeness checks; passes the bytes through."""
     cfg = mc.ModelConfig(name=GUARD, backend="python", max_batch_size=serve_cfg.max_batch_size)
-    cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
+    # ragged: single-image requests of different byte lengths batch together (each request is checked on its own)
+    cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     cfg.output.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1])
     batching(cfg, serve_cfg)
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -34,7 +35,9 @@ def dali_preprocess_config(mc, serve_cfg, image_size: int, batching):
     """ModelConfig of the DALI `preprocess`: one GPU instance (dali_backend's advice), dynamic batching; the pipeline
     is dali.py in the version folder (autoserialized at load), its input named as the external source."""
     cfg = mc.ModelConfig(name=PREPROCESS, backend="dali", max_batch_size=serve_cfg.max_batch_size)
-    cfg.input.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1])
+    # ragged: encoded images differ in length; without it the dynamic batcher only groups equal-length requests
+    # (dali_backend docs/tutorials/training_to_inference.md, "Triton accepts batches with uniform shapes")
+    cfg.input.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
     batching(cfg, serve_cfg)
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
