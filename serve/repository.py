@@ -297,8 +297,8 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
         instances = preprocess_instances or s.preprocess_instances
         if preprocess == "dali":
             _write_model(out, GUARD, guard_config(_pb(), s, instances, request_cap, _batching), runtime_files(GUARD))
-            _write_model(out, PREPROCESS, dali_preprocess_config(_pb(), s, size, _batching),
-                         dali_preprocess_files(ev, s.max_batch_size))
+            _write_model(out, PREPROCESS, dali_preprocess_config(_pb(), s, size, _batching, len(jpeg)),
+                         dali_preprocess_files(ev, s.max_batch_size, jpeg))
         else:
             pre_files = {**runtime_files(PREPROCESS), "1/seresnet_eval.py": eval_module_source().encode(),
                          f"1/{EVAL_SPEC_FILE}": json.dumps(ev, indent=2).encode(), "warmup/sample.jpg": jpeg}

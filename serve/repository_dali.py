@@ -31,9 +31,10 @@ def guard_config(mc, serve_cfg, instances: int, max_request_bytes: int, batching
     return cfg
 
 
-def dali_preprocess_config(mc, serve_cfg, image_size: int, batching):
-    """ModelConfig of the DALI `preprocess`: one GPU instance (dali_backend's advice), dynamic batching; the pipeline
-    is dali.py in the version folder (autoserialized at load), its input named as the external source."""
+def dali_preprocess_config(mc, serve_cfg, image_size: int, batching, warmup_bytes: int):
+    """ModelConfig of the DALI `preprocess`: one GPU instance (dali_backend's advice), dynamic batching, a warm-up
+    JPEG (nvJPEG's first decode allocates); the pipeline is dali.py in the version folder (autoserialized at load),
+    its input named as the external source."""
     cfg = mc.ModelConfig(name=PREPROCESS, backend="dali", max_batch_size=serve_cfg.max_batch_size)
     # ragged: encoded images differ in length; without it the dynamic batcher only groups equal-length requests
     # (dali_backend docs/tutorials/training_to_inference.md, "Triton accepts batches with uniform shapes")
@@ -41,13 +42,18 @@ def dali_preprocess_config(mc, serve_cfg, image_size: int, batching):
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
     batching(cfg, serve_cfg)
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+    warm = cfg.model_warmup.add(name="sample_jpeg", batch_size=1)
+    warm.inputs[CHECKED_IMAGE].data_type = mc.TYPE_UINT8
+    warm.inputs[CHECKED_IMAGE].dims.append(warmup_bytes)
+    warm.inputs[CHECKED_IMAGE].input_data_file = "sample.jpg"
     return cfg
 
 
-def dali_preprocess_files(eval_spec: dict, max_batch_size: int) -> dict[str, Path | bytes]:
-    """Version folder of the DALI `preprocess`: dali.py, the trainer's DALI eval graph verbatim, spec and params."""
+def dali_preprocess_files(eval_spec: dict, max_batch_size: int, warmup_jpeg: bytes) -> dict[str, Path | bytes]:
+    """Version folder of the DALI `preprocess`: dali.py, the trainer's DALI eval graph verbatim, spec and params;
+    the warm-up image."""
     params = {"input": CHECKED_IMAGE, "max_batch_size": int(max_batch_size), "num_threads": DALI_THREADS}
-    return {f"1/{DALI_PIPELINE_FILE}": RUNTIME / "dali_preprocess.py",
+    return {"warmup/sample.jpg": warmup_jpeg,f"1/{DALI_PIPELINE_FILE}": RUNTIME / "dali_preprocess.py",
             f"1/{DALI_EVAL_FILE}": Path(inspect.getsourcefile(train.dali_eval)),
             f"1/{EVAL_SPEC_FILE}": json.dumps(eval_spec, indent=2).encode(),
             f"1/{DALI_PARAMS_FILE}": json.dumps(params, indent=2).encode()}

@@ -46,6 +46,8 @@ def test_dali_repository_layout_and_configs(dali_repo):
     p = cfg[C.PREPROCESS]
     assert p.backend == "dali" and [i.name for i in p.input] == [C.CHECKED_IMAGE] and list(p.output[0].dims) == [3, 32, 32]
     assert p.input[0].allow_ragged_batch and cfg[C.GUARD].input[0].allow_ragged_batch
+    w = p.model_warmup[0].inputs[C.CHECKED_IMAGE]
+    assert w.input_data_file == "sample.jpg" and list(w.dims) == [(dali_repo / C.PREPROCESS / "warmup" / "sample.jpg").stat().st_size]
     assert p.instance_group[0].kind == p.instance_group[0].KIND_GPU and p.instance_group[0].count == 1
     assert cfg[C.GUARD].backend == "python" and cfg[C.GUARD].parameters["MAX_IMAGE_PIXELS"].string_value == "40000000"
     files = {f.name for f in (dali_repo / C.PREPROCESS / "1").iterdir()}
