@@ -1,6 +1,7 @@
 """Run the real tritonserver binary (from the nvidia-pytriton wheel) on 127.0.0.1: private python backend dir, readiness with a timeout, stub-failure detection, SIGTERM forwarding."""
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -41,10 +42,20 @@ def triton_libs() -> Path:
     return triton_home() / "libs"
 
 
+_HANDED_OUT: "collections.deque[int]" = collections.deque(maxlen=256)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free port on HOST that this process has not handed out recently: the OS may return a just-closed port
+    again, and two of one server's ports equal make tritonserver exit ("cannot listen to GRPC requests and metrics
+    requests at the same address and port")."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
 
 
 def check_port_free(port: int, what: str) -> None:
@@ -103,9 +114,13 @@ class TritonServer:
                  extra_args: Sequence[str] = (), echo: bool = False, stub_python_bin: Optional[str | Path] = None,
                  cwd: Optional[str | Path] = None):
         self.repository = check_repository(repository).resolve()
+        given = [p for p in (http_port, grpc_port, metrics_port) if p]
+        if len(set(given)) < len(given):
+            raise ServeError(f"the http, grpc and metrics ports must differ (got {http_port}, {grpc_port}, {metrics_port}).")
         for port, what in ((http_port, "http"), (grpc_port, "grpc"), (metrics_port, "metrics")):
             if port:
                 check_port_free(port, what)
+        _HANDED_OUT.extend(given)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()

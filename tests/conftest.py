@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from launch import validate
+from serve.server import free_port  # noqa: F401 (the tests' free port: never one this process handed out recently)
 
 # The session's tritonserver fixture (`served`) registered once, so every module shares one server.
 pytest_plugins = ["tests.serve_fixtures"]
@@ -61,12 +61,6 @@ def make_imagefolder(root: Path, classes: int = 3, counts=(16, 6, 6), size: int 
 def tiny_imagefolder(tmp_path_factory) -> Path:
     """3 classes x (16 train, 6 val, 6 test) 40x40 PNGs. Read-only: copy it before breaking it."""
     return make_imagefolder(tmp_path_factory.mktemp("tiny") / "images")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env(**extra: str) -> dict:
