@@ -23,6 +23,7 @@ from serve.contract import (CHECKED_IMAGE, CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE
                             PREPROCESS, PREPROCESS_BACKENDS, REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
 from serve.errors import ServeError
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
+from serve.model_config import add_batching as _batching, add_jpeg_warmup, pb as _pb, set_limits, set_param as _param
 from serve.repository_dali import add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"   # python model sources, copied into version folders
@@ -31,20 +32,6 @@ MODEL_SOURCES = {CLASSIFIER: RUNTIME / "classifier.py", PREPROCESS: RUNTIME / "p
 # train/transforms.py imports this from the project only for a type annotation (strings under
 # `from __future__ import annotations`): the serving copy drops it and needs nothing else from the project.
 ANNOTATION_ONLY_IMPORT = "from train.config import DataConfig"
-def _pb():
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    return mc
-
-
-def _param(cfg, key: str, value) -> None:
-    cfg.parameters[key].string_value = str(value)
-
-
-def _batching(cfg, serve_cfg) -> None:
-    sizes = [s for s in serve_cfg.preferred_batch_sizes if s <= serve_cfg.max_batch_size]
-    cfg.dynamic_batching.preferred_batch_size.extend(sizes)
-    cfg.dynamic_batching.max_queue_delay_microseconds = serve_cfg.max_queue_delay_us
 
 
 def classifier_config(target: str, serve_cfg, image_size: int, num_classes: int, ort_threads: int = 0,
@@ -98,15 +85,10 @@ def preprocess_config(serve_cfg, image_size: int, warmup_bytes: int, instances: 
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
     _batching(cfg, s)
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
-    for key, value in {"EVAL_SPEC_FILE": EVAL_SPEC_FILE, "MAX_IMAGE_BYTES": s.max_image_bytes,
-                       "MAX_IMAGE_PIXELS": s.max_image_pixels,
-                       "MAX_REQUEST_BYTES": max_request_bytes or default_max_request_bytes(s),
-                       "TORCH_THREADS": 1}.items():
-        _param(cfg, key, value)
-    warm = cfg.model_warmup.add(name="sample_jpeg", batch_size=1)
-    warm.inputs[ENSEMBLE_INPUT].data_type = mc.TYPE_UINT8
-    warm.inputs[ENSEMBLE_INPUT].dims.append(warmup_bytes)
-    warm.inputs[ENSEMBLE_INPUT].input_data_file = "sample.jpg"
+    _param(cfg, "EVAL_SPEC_FILE", EVAL_SPEC_FILE)
+    set_limits(cfg, s, max_request_bytes or default_max_request_bytes(s))
+    _param(cfg, "TORCH_THREADS", 1)
+    add_jpeg_warmup(cfg, ENSEMBLE_INPUT, warmup_bytes)
     return cfg
 
 
@@ -296,8 +278,8 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
         request_cap = max_request_bytes or default_max_request_bytes(s)
         instances = preprocess_instances or s.preprocess_instances
         if preprocess == "dali":
-            _write_model(out, GUARD, guard_config(_pb(), s, instances, request_cap, _batching), runtime_files(GUARD))
-            _write_model(out, PREPROCESS, dali_preprocess_config(_pb(), s, size, _batching, len(jpeg)),
+            _write_model(out, GUARD, guard_config(s, instances, request_cap), runtime_files(GUARD))
+            _write_model(out, PREPROCESS, dali_preprocess_config(s, size, len(jpeg)),
                          dali_preprocess_files(ev, s.max_batch_size, jpeg))
         else:
             pre_files = {**runtime_files(PREPROCESS), "1/seresnet_eval.py": eval_module_source().encode(),

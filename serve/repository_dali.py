@@ -12,40 +12,38 @@ from pathlib import Path
 import train.dali_eval
 from serve.contract import (CHECKED_IMAGE, DALI_EVAL_FILE, DALI_PARAMS_FILE, DALI_PIPELINE_FILE, ENSEMBLE_INPUT,
                             EVAL_SPEC_FILE, GUARD, PIXELS, PREPROCESS)
+from serve.model_config import add_batching, add_jpeg_warmup, pb, set_limits
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"
 DALI_THREADS = 4   # CPU threads of the DALI pipeline (JPEG headers, PNG decode stays on the CPU); 'mixed' decodes on the GPU
 
 
-def guard_config(mc, serve_cfg, instances: int, max_request_bytes: int, batching):
+def guard_config(serve_cfg, instances: int, max_request_bytes: int):
     """ModelConfig of `guard`: the byte, format, header-pixel and completeness checks; passes the bytes through."""
+    mc = pb()
     cfg = mc.ModelConfig(name=GUARD, backend="python", max_batch_size=serve_cfg.max_batch_size)
     # ragged: single-image requests of different byte lengths batch together (each request is checked on its own)
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     cfg.output.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1])
-    batching(cfg, serve_cfg)
+    add_batching(cfg, serve_cfg)
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
-    for key, value in {"MAX_IMAGE_BYTES": serve_cfg.max_image_bytes, "MAX_IMAGE_PIXELS": serve_cfg.max_image_pixels,
-                       "MAX_REQUEST_BYTES": max_request_bytes}.items():
-        cfg.parameters[key].string_value = str(value)
+    set_limits(cfg, serve_cfg, max_request_bytes)
     return cfg
 
 
-def dali_preprocess_config(mc, serve_cfg, image_size: int, batching, warmup_bytes: int):
+def dali_preprocess_config(serve_cfg, image_size: int, warmup_bytes: int):
     """ModelConfig of the DALI `preprocess`: one GPU instance (dali_backend's advice), dynamic batching, a warm-up
     JPEG (nvJPEG's first decode allocates); the pipeline is dali.py in the version folder (autoserialized at load),
     its input named as the external source."""
+    mc = pb()
     cfg = mc.ModelConfig(name=PREPROCESS, backend="dali", max_batch_size=serve_cfg.max_batch_size)
     # ragged: encoded images differ in length; without it the dynamic batcher only groups equal-length requests
     # (dali_backend docs/tutorials/training_to_inference.md, "Triton accepts batches with uniform shapes")
     cfg.input.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
-    batching(cfg, serve_cfg)
+    add_batching(cfg, serve_cfg)
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
-    warm = cfg.model_warmup.add(name="sample_jpeg", batch_size=1)
-    warm.inputs[CHECKED_IMAGE].data_type = mc.TYPE_UINT8
-    warm.inputs[CHECKED_IMAGE].dims.append(warmup_bytes)
-    warm.inputs[CHECKED_IMAGE].input_data_file = "sample.jpg"
+    add_jpeg_warmup(cfg, CHECKED_IMAGE, warmup_bytes)
     return cfg
 
 
@@ -53,7 +51,7 @@ def dali_preprocess_files(eval_spec: dict, max_batch_size: int, warmup_jpeg: byt
     """Version folder of the DALI `preprocess`: dali.py, the trainer's DALI eval graph verbatim, spec and params;
     the warm-up image."""
     params = {"input": CHECKED_IMAGE, "max_batch_size": int(max_batch_size), "num_threads": DALI_THREADS}
-    return {"warmup/sample.jpg": warmup_jpeg,f"1/{DALI_PIPELINE_FILE}": RUNTIME / "dali_preprocess.py",
+    return {"warmup/sample.jpg": warmup_jpeg, f"1/{DALI_PIPELINE_FILE}": RUNTIME / "dali_preprocess.py",
             f"1/{DALI_EVAL_FILE}": Path(inspect.getsourcefile(train.dali_eval)),
             f"1/{EVAL_SPEC_FILE}": json.dumps(eval_spec, indent=2).encode(),
             f"1/{DALI_PARAMS_FILE}": json.dumps(params, indent=2).encode()}

@@ -21,6 +21,7 @@ from train.transforms import EvalSpec
 
 log = logging.getLogger(__name__)
 
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
