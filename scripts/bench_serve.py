@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from serve import benchdata
+from scripts import bench_inputs as benchdata
 from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
 from serve.export import WithSoftmax, export_onnx, load_checkpoint, ort_session
-from serve.loadgen import run_load
-from serve.perf import run_perf_analyzer
+from scripts.loadgen import run_load
+from scripts.perf import run_perf_analyzer
 from serve.quantize import compare_latency, drift, pixels, predict, quantize_int8, session
 from serve.repository import write_model_repository
 from serve.server import TritonServer

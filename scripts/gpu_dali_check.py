@@ -21,7 +21,7 @@ import numpy as np
 from serve.contract import CHECKED_IMAGE, DALI_PIPELINE_FILE, PREPROCESS
 from serve.export import export_onnx
 from serve.repository import write_model_repository
-from serve.samples import sample_image_bytes
+from serve.images import sample_image_bytes
 from train.transforms import EvalSpec, decode_image, eval_transform
 
 AUTOSERIALIZE = """

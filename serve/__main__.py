@@ -21,24 +21,30 @@ def _export(a) -> int:
 
 
 def _quantize(a) -> int:
-    """Static QDQ int8 of an export folder's model.onnx into model.int8.onnx (serve/quantize.py), calibrated on real images."""
-    from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX
-    from serve.export import read_export
+    """Static QDQ int8 of an export folder's model.onnx (serve/quantize.py), calibrated on real images: model.int8.onnx
+    for TensorRT (its rules checked before the file is written) and/or model.int8.cpu.onnx for CPUs."""
+    from serve.contract import INT8_TARGETS
     from serve.samples import find_images
 
-    spec = read_export(a.export)
     images = find_images(a.calib_images)
     if not images:
         raise ServeError("no calibration images found; pass training images (files or folders) with --calib-images.")
+    val = find_images(a.val_images) if a.val_images else None
+    if a.val_images and not val:
+        raise ServeError("no validation images found in --val-images; pass image files or folders (e.g. data/animals/val).")
     try:
-        from serve.quantize import quantize_int8
+        from serve.quantize import quantize_export
     except ImportError as err:
         raise ServeError(f"int8 quantization is not available here ({err}); install the 'export' extra.") from None
-    report = quantize_int8(Path(a.export) / EXPORT_ONNX, Path(a.export) / EXPORT_INT8_ONNX, images, spec, n=a.n,
-                           activations=a.activations)
-    shown = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
-    print(f"[quantize] {Path(a.export) / EXPORT_INT8_ONNX}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
-    print(f"[quantize] serve it with: python -m serve repository --export {a.export} --target int8 --out DIR")
+    targets = INT8_TARGETS if a.target == "all" else (a.target,)
+    kwargs = {"max_disagreement": a.max_drift} if a.max_drift is not None else {}
+    for target, report in quantize_export(a.export, images, targets, n=a.n, validation_images=val, **kwargs).items():
+        checked = report.get("validation", {})
+        shown = {k: x for k, x in report.items() if isinstance(x, (int, float, str)) and not k.startswith("onnx_")}
+        shown.update({k: round(x, 4) for k, x in checked.items() if k in ("images", "top1_disagreement", "fp32_top1", "int8_top1")})
+        print(f"[quantize] {report['onnx_int8']} ({target}): " + ", ".join(f"{k} {x}" for k, x in shown.items()))
+    print(f"[quantize] serve it with: python -m serve repository --export {a.export} --target int8 --out DIR "
+          "(CPU); TensorRT plans: python -m serve trt --onnx DIR/model.int8.onnx --precision int8")
     return 0
 
 
@@ -119,14 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--atol", type=float, default=1e-4, help="largest |ONNX - PyTorch| probability difference accepted (default 1e-4)")
     e.set_defaults(func=_export)
 
-    q = sub.add_parser("quantize", help="Static int8 (QDQ) of an export folder's model.onnx, calibrated on real images -> model.int8.onnx.")
+    q = sub.add_parser("quantize", help="Static int8 (QDQ) of an export folder's model.onnx, calibrated on real images -> "
+                       "model.int8.onnx (TensorRT) and model.int8.cpu.onnx (CPU).")
     q.add_argument("--export", required=True, help="export folder from 'export' (model.onnx, serving_spec.json)")
     q.add_argument("--calib-images", nargs="+", required=True, help="calibration images: training files or folders")
     q.add_argument("--n", type=int, default=256, help="calibration images used (default 256)")
-    q.add_argument("--activations", choices=("int8", "uint8"), default="int8",
-                   help="int8 (default): symmetric, what TensorRT builds as explicit int8 and ONNX Runtime runs; uint8: "
-                        "ONNX Runtime on CPU only, 2-2.4x faster than fp32 on AVX2 CPUs without VNNI where the int8 "
-                        "file is slower (measured), refused by TensorRT")
+    q.add_argument("--target", choices=("all", "cpu", "tensorrt"), default="all",
+                   help="tensorrt: model.int8.onnx, symmetric int8 with float biases, checked against TensorRT's Q/DQ "
+                        "rules; cpu: model.int8.cpu.onnx, uint8 activations, the fastest on CPUs (ONNX Runtime), "
+                        "refused by TensorRT; all (default): both")
+    q.add_argument("--val-images", nargs="+", help="validation images (files or folders, e.g. data/animals/val; labels from "
+                   "class-named folders): fp32 vs int8 top-1 (default: up to 256 training images not used for calibration)")
+    q.add_argument("--max-drift", type=float, default=None,
+                   help="largest fraction of validation images whose top-1 may change (default 0.02); more fails")
     q.set_defaults(func=_quantize)
 
     t = sub.add_parser("trt", help="Build a TensorRT plan named for this GPU's compute capability (needs tensorrt and a GPU); prints the trtexec equivalent.")

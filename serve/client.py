@@ -174,7 +174,7 @@ def classify_files(paths: Iterable[str | Path], url: str, protocol: str = "grpc"
     """Classify image files concurrently; results in input order, each with top-k, latency and any final error.
 
     With ``check`` (default) the server, ``model`` and ``k`` are validated first (TritonClassifier.check)."""
-    from serve.samples import find_images
+    from serve.images import find_images
 
     files = find_images(paths)
     if not files:

@@ -15,7 +15,7 @@ import numpy as np
 from serve.client import FileResult, TritonClassifier
 from serve.contract import ENSEMBLE
 from serve.errors import ServeError
-from serve.samples import find_images
+from serve.images import find_images
 from train.evaluate import per_class, plot_confusion
 
 

@@ -1,4 +1,5 @@
-"""ONNX export of a checkpoint (opset 17, dynamic batch, softmax in the graph) with a PyTorch parity check, and int8 quantization of the Linear/Gemm layers."""
+"""ONNX export of a checkpoint (opset 17, dynamic batch, softmax in the graph) with a PyTorch parity check; the export
+folder the repository writer reads (int8: serve/quantize.py)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,6 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 PARITY_ATOL = 1e-4              # max |p_onnx - p_torch| over all classes and images
-QUANT_MAX_TOP1_DRIFT = 0.05     # int8-Linear: largest fraction of images whose top-1 may change
 
 
 class WithSoftmax(nn.Module):
@@ -98,13 +98,13 @@ def read_export(export_dir: str | Path) -> dict:
 
 def _read_images(images: Optional[Iterable[str | Path]], limit: int = 64) -> dict[str, bytes]:
     if images:
-        from serve.samples import find_images
+        from serve.images import find_images
 
         files = find_images(images)[:limit]
         if not files:
             raise ServeError("no image files found in the given paths; pass JPEG/PNG files or folders of them.")
         return {str(p): p.read_bytes() for p in files}
-    from serve.samples import sample_image_bytes
+    from serve.images import sample_image_bytes
 
     return sample_image_bytes()
 
@@ -184,55 +184,6 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, images: Optional[It
         raise ServeError(
             f"ONNX parity check failed: max |ONNX - PyTorch| = {p['max_abs_diff']:.2e} (tolerance {atol:.0e}), "
             f"top-1 agreement {p['top1_agreement']:.3f}; the exported graph does not match the checkpoint.")
-    return report
-
-
-def _latency_ms(sess, batch: np.ndarray, repeats: int = 20) -> float:
-    sess.run([OUTPUT_NAME], {INPUT_NAME: batch})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run([OUTPUT_NAME], {INPUT_NAME: batch})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
-def quantize_linear_int8(onnx_path: str | Path, out_path: str | Path, checkpoint: str | Path,
-                         val_images: Optional[Iterable[str | Path]] = None, max_drift: float = QUANT_MAX_TOP1_DRIFT,
-                         limit: int = 256, repeats: int = 20) -> dict:
-    """Dynamic int8 quantization of MatMul/Gemm only (Conv int8 is 3-12x slower on CPU here); report size, latency and top-1 drift.
-
-    ``val_images``: files/folders of the validation split (e.g. data/animals/val); default: the sample photos.
-    Raises ServeError when the top-1 drift exceeds ``max_drift``.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    onnx_path, out_path = Path(onnx_path), Path(out_path)
-    if not onnx_path.is_file():
-        raise ServeError(f"ONNX model '{onnx_path}' does not exist; run 'python -m serve export' first.")
-    _, cfg, _ = load_checkpoint(checkpoint)
-    quantize_dynamic(str(onnx_path), str(out_path), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
-    named = _read_images(val_images, limit=limit)
-    batch = eval_batch(list(named.values()), cfg).numpy()
-    fp32, int8 = ort_session(onnx_path), ort_session(out_path)
-    p32 = fp32.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-    p8 = int8.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-    one = batch[:1]
-    eight = np.repeat(batch[:1], 8, axis=0)
-    report = {
-        "onnx_fp32": str(onnx_path), "onnx_int8": str(out_path), "images": int(batch.shape[0]),
-        "fp32_bytes": onnx_path.stat().st_size, "int8_bytes": out_path.stat().st_size,
-        "fp32_latency_ms_b1": _latency_ms(fp32, one, repeats), "int8_latency_ms_b1": _latency_ms(int8, one, repeats),
-        "fp32_latency_ms_b8": _latency_ms(fp32, eight, repeats), "int8_latency_ms_b8": _latency_ms(int8, eight, repeats),
-        "top1_drift": float((p32.argmax(1) != p8.argmax(1)).mean()),
-        "max_abs_prob_diff": float(np.abs(p32 - p8).max()),
-        "max_drift": max_drift,
-    }
-    report["size_ratio"] = report["int8_bytes"] / report["fp32_bytes"]
-    (out_path.parent / (out_path.stem + "_report.json")).write_text(json.dumps(report, indent=2))
-    if report["top1_drift"] > max_drift:
-        raise ServeError(f"int8 quantization changed the top-1 of {report['top1_drift']:.1%} of {report['images']} images "
-                         f"(bound {max_drift:.1%}); serve the fp32 model instead.")
     return report
 
 

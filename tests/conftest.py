@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from launch import validate
+from scripts import validate_manifests as validate
 from serve.server import free_port  # noqa: F401 (the tests' free port: never one this process handed out recently)
 
 # The session's tritonserver fixture (`served`) registered once, so every module shares one server.

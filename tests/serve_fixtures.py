@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.samples import DEMO_CLASSES as CLASSES
-from serve.samples import SMALL_OVERRIDES  # noqa: F401
+from scripts.samples import DEMO_CLASSES as CLASSES
+from scripts.samples import SMALL_OVERRIDES  # noqa: F401
 
 
 def make_checkpoint(directory: str | Path, overrides: list[str] | None = None, seed: int = 0) -> Path:
     """Random-weight SE-ResNet50 checkpoint (32 px small stem) with non-degenerate outputs; returns <dir>/last.pt."""
-    from serve.samples import random_checkpoint
+    from scripts.samples import random_checkpoint
 
     return random_checkpoint(directory, overrides, seed)
 
@@ -70,7 +70,7 @@ def served(tmp_path_factory):
     """A real tritonserver: CPU repository of a random checkpoint (small limits). Imported by test modules, it is one
     server per importing module; registered once in tests/conftest.py (pytest_plugins) it would be one per session."""
     from serve.repository import write_model_repository
-    from serve.samples import sample_image_bytes
+    from serve.images import sample_image_bytes
     from serve.server import TritonServer
 
     d = tmp_path_factory.mktemp("triton")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import validate as v
+from scripts import validate_manifests as v
 from serve.contract import DEFAULT_GPU_CCS, GUARD
 from train.compat import load_table
 

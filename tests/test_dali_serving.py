@@ -18,7 +18,7 @@ from PIL import Image
 from serve import contract as C
 from serve.errors import ServeError
 from serve.repository import parse_pbtxt, write_model_repository
-from serve.samples import sample_image_bytes
+from serve.images import sample_image_bytes
 from tests.conftest import require
 from train.transforms import EvalSpec, decode_image, eval_transform
 

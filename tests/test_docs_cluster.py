@@ -10,7 +10,7 @@ import pytest
 
 from launch.__main__ import _parser as launch_parser
 from launch.__main__ import _split_train_args
-from launch import validate as v
+from scripts import validate_manifests as v
 from launch.torchrun import REPO_ROOT, build_local_argv, build_multinode_argv
 from train.__main__ import build_parser as train_parser
 from train.compat import image_for_arch
@@ -103,7 +103,7 @@ def test_other_project_commands_parse():
         if tokens[:3] == ["python", "-m", "train"]:
             targs = train_parser().parse_args(tokens[3:])
             check_config(targs.config, targs.overrides, None, cmd)
-        elif tokens[:3] == ["python", "-m", "launch.validate"]:
+        elif tokens[:3] == ["python", "-m", "scripts.validate_manifests"]:
             assert len(tokens) == 3
         elif tokens[:3] == ["python", "-m", "launch.monitoring"]:
             assert set(tokens[3:]) <= {"--check"}

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from launch import validate as v
+from scripts import validate_manifests as v
 from launch.torchrun import REPO_ROOT
 
 PY = sys.executable

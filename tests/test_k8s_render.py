@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from launch import validate as v
+from scripts import validate_manifests as v
 from launch.k8s import Gang, Rdma, render_training_job
 from launch.torchrun import REPO_ROOT, LaunchError
 from tests.test_k8s_manifests import RDMA_CAPS, assert_pods_secure, find_secrets

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from launch import validate as v
+from scripts import validate_manifests as v
 from launch.torchrun import REPO_ROOT
 
 

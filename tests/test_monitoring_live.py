@@ -126,7 +126,7 @@ def test_every_dashboard_and_rule_expression_returns_data_from_live_triton_and_t
     from serve.client import TritonClassifier
     from serve.repository import write_model_repository
     from serve.server import TritonServer
-    from serve.samples import random_checkpoint
+    from scripts.samples import random_checkpoint
 
     train_port, triton_metrics_port = free_port(), free_port()
     prom = Prometheus(tmp_path, {"triton": f"127.0.0.1:{triton_metrics_port}", "train": f"127.0.0.1:{train_port}"},

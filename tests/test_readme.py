@@ -81,7 +81,7 @@ def test_launch_commands_parse_and_render(tmp_path):
 @pytest.mark.timeout(600)
 def test_serving_commands_run_as_written(tmp_path, tiny_imagefolder):
     """export -> repository -> up -> classify -> evaluate, exactly the README lines with our paths and free ports."""
-    from serve.samples import random_checkpoint
+    from scripts.samples import random_checkpoint
 
     ckpt = random_checkpoint(tmp_path / "ckpt", classes=["circle", "square", "triangle"])
     repo = tmp_path / "repo"

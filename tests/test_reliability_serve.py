@@ -29,7 +29,7 @@ CLIENT_ERROR = ("400", "StatusCode.INVALID_ARGUMENT")
 def served(tmp_path_factory):
     """The production defaults of the limits (20 MB, 40 Mpx): the bombs below are refused by the real guard."""
     from serve.repository import write_model_repository
-    from serve.samples import sample_image_bytes
+    from serve.images import sample_image_bytes
     from serve.server import TritonServer
 
     d = tmp_path_factory.mktemp("triton-rel")

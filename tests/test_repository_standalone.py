@@ -38,7 +38,7 @@ def stub_environment(d: Path) -> Path:
 def standalone(tmp_path_factory):
     from serve.export import export_onnx
     from serve.repository import write_model_repository
-    from serve.samples import sample_image_bytes
+    from serve.images import sample_image_bytes
 
     d = tmp_path_factory.mktemp("standalone")
     ckpt = make_checkpoint(d / "ckpt")

@@ -77,7 +77,7 @@ def test_classify_checks_server_model_and_k_before_sending(served, tmp_path, cap
     import tritonclient.grpc as g
 
     from serve.__main__ import main
-    from serve.samples import write_sample_images
+    from scripts.samples import write_sample_images
     from serve.server import free_port
 
     server = served["server"]

@@ -29,7 +29,7 @@ def exported(tmp_path_factory):
 
 def test_onnx_matches_pytorch_on_real_images(exported):
     from serve.export import INPUT_NAME, OUTPUT_NAME, eval_batch, load_checkpoint, ort_session
-    from serve.samples import sample_image_bytes
+    from serve.images import sample_image_bytes
 
     import onnx
 

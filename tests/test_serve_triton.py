@@ -141,7 +141,7 @@ def test_bad_requests_fail_alone_with_clear_4xx(served, protocol):
 
 def test_client_classify_files_grpc_and_http(served, tmp_path):
     from serve.client import classify_files
-    from serve.samples import write_sample_images
+    from scripts.samples import write_sample_images
 
     server = served["server"]
     files = write_sample_images(tmp_path / "imgs")
@@ -159,7 +159,7 @@ def test_client_classify_files_grpc_and_http(served, tmp_path):
 
 
 def test_classify_cli(served, tmp_path):
-    from serve.samples import write_sample_images
+    from scripts.samples import write_sample_images
 
     files = write_sample_images(tmp_path / "imgs")
     proc = subprocess.run([sys.executable, "-m", "serve", "classify", "--url", served["server"].grpc_url, "-k", "2",

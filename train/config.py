@@ -225,13 +225,29 @@ def config_from_dict(tree: dict) -> Config:
         raise ConfigError(_explain(err)) from None
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"   # shipped in the wheel; configs/ links here in a checkout
+
+
+def packaged_config_names() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or a bare name (``demo``, ``imagenet``, ``smoke``) of a config shipped with the package."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.name == str(path) and not p.suffix and (PACKAGED_CONFIGS / f"{p.name}.yaml").is_file():
+        return PACKAGED_CONFIGS / f"{p.name}.yaml"
+    raise ConfigError(f"Config file '{p}' does not exist; pass --config with a YAML file or one of the packaged configs "
+                      f"({', '.join(packaged_config_names())}).")
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load YAML (or defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Config file '{p}' does not exist; pass --config with a YAML file such as configs/demo.yaml.")
+        p = resolve_config_path(path)
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:

@@ -3,7 +3,7 @@
 Core kinds are validated with kubernetes-validate (strict: unknown fields fail); PyTorchJob,
 ServiceMonitor, PodMonitor and PrometheusRule against the upstream CRD schemas vendored in ``k8s/schemas/``
 (source, version and licence in its README), with additionalProperties tightened to false, since a typo in a
-CRD field is otherwise silently dropped by the API server. ``python -m launch.validate`` runs it all and prints one line per object.
+CRD field is otherwise silently dropped by the API server. ``python -m scripts.validate_manifests`` runs it all and prints one line per object.
 """
 from __future__ import annotations
 

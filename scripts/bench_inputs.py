@@ -1,4 +1,4 @@
-"""Benchmark fixtures as package code (`make bench` must not import from tests/): the photo mix, images by format and
+"""Benchmark inputs (`make bench` must not import from tests/): the photo mix, images by format and
 size, a checkpoint to measure when no trained one is given, and labelled ImageFolder splits."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import io
 from pathlib import Path
 
 from serve.errors import ServeError
-from serve.samples import IMAGE_SUFFIXES, random_checkpoint, sample_image_bytes
+from scripts.samples import random_checkpoint
+from serve.images import IMAGE_SUFFIXES, sample_image_bytes
 
 # Preprocess cost by format and size: real photos (scikit-image's astronaut, 512x512) re-encoded at a small and a
 # large size. Small ~ a thumbnail-sized upload, large ~ a phone photo scaled down to ~1000 px.
@@ -15,7 +16,7 @@ FORMATS = ("JPEG", "PNG")
 
 
 def photo_mix() -> list[bytes]:
-    """The serving benchmarks' request mix: 8 real colour photos, alternately JPEG and PNG (serve.samples)."""
+    """The serving benchmarks' request mix: 8 real colour photos, alternately JPEG and PNG (serve.images)."""
     return list(sample_image_bytes().values())
 
 
