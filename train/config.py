@@ -88,13 +88,14 @@ class ScheduleConfig(_Section):
 
 # DeepSpeed JSON keys the trainer derives from this config (train/backends.py); deepspeed.extra may not set them.
 DEEPSPEED_DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-                          "zero_optimization", "zero_allow_untested_optimizer", "torch_autocast", "bf16", "fp16",
-                          "optimizer", "scheduler")
+                          "zero_allow_untested_optimizer", "torch_autocast", "bf16", "fp16", "optimizer", "scheduler")
+# zero_optimization sub-keys deepspeed.extra may set (the stage comes from deepspeed.zero_stage).
+DEEPSPEED_ZERO_EXTRA_KEYS = ("reduce_bucket_size", "allgather_bucket_size")
 
 
 class DeepSpeedConfig(_Section):
     zero_stage: int = Field(1, ge=0, le=3, description="ZeRO stage (0-2; 3 is refused: it would leave best.pt empty).")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed JSON config (keys the trainer derives are refused).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed JSON config (keys the trainer derives are refused; zero_optimization may set reduce_bucket_size and allgather_bucket_size, in elements, default 5e6 each).")
 
     @model_validator(mode="after")
     def _extra_does_not_override(self):
@@ -102,6 +103,23 @@ class DeepSpeedConfig(_Section):
         if clash:
             raise ValueError(f"deepspeed.extra may not set {', '.join(clash)}: the trainer derives them from data.batch_size, "
                              f"deepspeed.zero_stage, train.precision, optim.* and schedule.*; set those keys instead")
+        zero = self.extra.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ValueError("deepspeed.extra.zero_optimization must be a mapping of "
+                             f"{' / '.join(DEEPSPEED_ZERO_EXTRA_KEYS)}")
+        bad = sorted(set(zero) - set(DEEPSPEED_ZERO_EXTRA_KEYS))
+        if bad:
+            raise ValueError(f"deepspeed.extra.zero_optimization may set only {', '.join(DEEPSPEED_ZERO_EXTRA_KEYS)} "
+                             f"(got {', '.join(bad)}); the stage is deepspeed.zero_stage")
+        for key, value in zero.items():
+            try:   # YAML 1.1 reads 5e6 as a string
+                number = float(value) if not isinstance(value, bool) else 0.0
+            except (TypeError, ValueError):
+                number = 0.0
+            if number < 1 or number != int(number):
+                raise ValueError(f"deepspeed.extra.zero_optimization.{key} must be a whole number of elements >= 1 "
+                                 f"(got {value!r})")
+            zero[key] = int(number)
         return self
 
 
