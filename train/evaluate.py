@@ -51,26 +51,43 @@ def per_class(confusion: np.ndarray, classes: list[str]) -> dict:
             for c, p, r, s in zip(classes, precision, recall, support)}
 
 
+PLOT_MAX_CLASSES = 30   # beyond this the plot shows the most-confused classes only (a 1,000-class canvas is unreadable)
+
+
+def most_confused(confusion: np.ndarray, n: int = PLOT_MAX_CLASSES) -> np.ndarray:
+    """Indices (sorted) of the ``n`` classes with the most errors, counted as true class and as predicted class."""
+    off = confusion - np.diag(np.diag(confusion))
+    errors = off.sum(0) + off.sum(1)
+    return np.sort(np.argsort(-errors, kind="stable")[:n])
+
+
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix; with more than PLOT_MAX_CLASSES classes, only the most-confused ones (their rows
+    still normalised by the full row, so a cell reads as the share of that true class)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(classes)
+    norm_full = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    keep = np.arange(len(classes)) if len(classes) <= PLOT_MAX_CLASSES else most_confused(confusion)
+    if len(keep) < len(classes):
+        title = f"{title}\n{len(keep)} most-confused of {len(classes)} classes"
+    sub = confusion[np.ix_(keep, keep)]
+    norm = norm_full[np.ix_(keep, keep)]
+    names = [classes[i] for i in keep]
+    n = len(keep)
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * n + 2), max(4, 0.6 * n + 1.5)), dpi=120)
-    norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if confusion[i, j]:
-                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+    for i in range(n):
+        for j in range(n):
+            if sub[i, j]:
+                ax.text(j, i, str(sub[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="row-normalised")
     fig.tight_layout()
     fig.savefig(path)
