@@ -15,6 +15,8 @@ from torch import nn
 
 from serve.contract import EXPORT_LABELS, EXPORT_ONNX, EXPORT_SPEC, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
+from serve.model_card import training_report, write_model_card
+from train.provenance import provenance
 from train.transforms import EvalSpec, decode_image, eval_transform
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,11 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, images: Optional[It
         "export_seconds": round(export_s, 2),
         "parity": {"files": sorted(named), **parity(model, onnx_path, eval_batch(list(named.values()), cfg), atol)},
     }
+    trained = training_report(checkpoint) or {}
+    report["provenance"] = {**provenance(cfg.to_dict()), **{k: v for k, v in (trained.get("provenance") or {}).items()
+                                                             if k == "data_fingerprint"}}
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    write_model_card(out, cfg, classes, report, checkpoint)
     p = report["parity"]
     if not p["ok"]:
         raise ServeError(

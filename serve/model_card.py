@@ -51,8 +51,8 @@ def render_model_card(cfg, classes: list[str], export: dict, train: Optional[dic
         "## Data",
         f"- Trained on the ImageFolder at `{cfg.data.root}` (train/ val/ test/ splits); listing fingerprint "
         f"{prov.get('data_fingerprint', 'unknown')}.",
-        f"- Training: {t.get('epochs', '?')} epochs, {t.get('steps', '?')} steps, {t.get('precision', '?')} on "
-        f"{t.get('device', '?')} x {t.get('world_size', '?')} ({t.get('engine', '?')}).",
+        (f"- Training: {t.get('epochs')} epochs, {t.get('steps')} steps, {t.get('precision')} on "
+         f"{t.get('device')} x {t.get('world_size')} ({t.get('engine')})." if train else "- Training: no report found."),
         "",
         "## Metrics (held-out splits, measured by the trainer)",
         f"- Test top-1 {_pct(t.get('test_top1'))}, top-5 {_pct(t.get('test_top5'))} on {t.get('test_images', '?')} images; "
