@@ -213,8 +213,8 @@ def test_triton_deployment_production_settings(rendered):
     triton = spec["containers"][0]
     assert re.fullmatch(r"[\w./-]+:[\w.-]+", triton["image"]) and not triton["image"].endswith(":latest")
     assert "--model-repository=/repository" in triton["args"]
-    assert "--model-control-mode=none" in triton["args"]
-    assert not any("explicit" in a or "restricted" in a for a in triton["args"])
+    assert "--model-control-mode=none" in triton["args"] and not any("explicit" in a for a in triton["args"])
+    assert_non_inference_apis_restricted(triton)
     assert "--metrics-config=summary_latencies=true" in triton["args"]
     assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
     for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
@@ -236,14 +236,29 @@ def test_triton_deployment_production_settings(rendered):
     assert _prod(rendered, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
 
 
+# Triton's APIs (tritonserver --help, "Allowed APIs"); a caller of the classify ensemble needs only these three.
+OPEN_APIS = {"health", "metadata", "inference"}
+TRITON_APIS = OPEN_APIS | {"shared-memory", "model-config", "model-repository", "statistics", "trace", "logging"}
+
+
+def assert_non_inference_apis_restricted(container) -> None:
+    """Every API but health/metadata/inference needs the admin key on HTTP and on gRPC; the key comes from a Secret."""
+    for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
+        values = [a[len(flag):] for a in container["args"] if a.startswith(flag)]
+        assert len(values) == 1, f"{flag} given {len(values)} times"
+        apis, _, header = values[0].partition(":")
+        assert set(apis.split(",")) == TRITON_APIS - OPEN_APIS, f"{flag} restricts {apis}"
+        assert header == "triton-admin-key=$(TRITON_ADMIN_KEY)", header
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "triton-admin-key", "key": "key"}
+    assert "value" not in env["TRITON_ADMIN_KEY"]
+
+
 def test_staging_restricts_model_control_with_a_key_from_a_secret(rendered):
     dep = next(o for o in objects(rendered, "k8s/serving/overlays/staging") if o["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert "--model-control-mode=explicit" in c["args"] and "--model-control-mode=none" not in c["args"]
-    restricted = [a for a in c["args"] if "restricted" in a]
-    assert len(restricted) == 2 and all(a.endswith("=$(TRITON_ADMIN_KEY)") for a in restricted)
-    env = {e["name"]: e for e in c["env"]}
-    assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "triton-admin-key", "key": "key"}
+    assert_non_inference_apis_restricted(c)
 
 
 def test_service_servicemonitor_hpa_and_adapter_fit_together(rendered):

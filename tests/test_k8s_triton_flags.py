@@ -1,10 +1,14 @@
-"""The Triton arguments of the rendered manifests, run by the real tritonserver 2.51 binary: production's
-model control is off (with the drain timeout), and staging's restricted model-repository API refuses callers
-without the key. Plus the rollout settings of both overlays: no replicas under the HPA, preStop + exit timeout
+"""The Triton arguments of the rendered manifests, run by the real tritonserver binary: production's model
+control is off (with the drain timeout), and in both overlays every non-inference API (shared memory, model
+repository, config, statistics, trace, logging) refuses HTTP and gRPC callers without the admin key and answers
+those with it. Plus the rollout settings of both overlays: no replicas under the HPA, preStop + exit timeout
 inside the grace period, spread over zones and nodes, the headless gRPC Service, the plan failure policy."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -12,6 +16,8 @@ import pytest
 
 from scripts import validate_manifests as v
 from launch.torchrun import REPO_ROOT
+from serve.server import triton_libs, tritonserver_binary
+from tests.test_k8s_manifests import TRITON_APIS
 
 
 ECHO_CONFIG = """name: "echo"
@@ -27,6 +33,8 @@ class TritonPythonModel:
         return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() * 2)])
                 for r in requests]
 """
+ADMIN_KEY = "test-only-key-0123"
+KEY_HEADER = {"triton-admin-key": ADMIN_KEY}
 # Flags the local runner (serve.server) sets itself, or that only make sense in the pod.
 LOCAL_RUNNER_FLAGS = ("--model-repository", "--http-port", "--grpc-port", "--metrics-port", "--allow-metrics",
                       "--allow-gpu-metrics", "--strict-readiness", "--exit-on-error", "--log-verbose")
@@ -91,35 +99,96 @@ def test_rollout_settings(overlay, policy):
     assert "PLAN_SHAPES" not in env
 
 
+def test_the_restricted_api_names_are_the_binarys():
+    """The manifests' API names (tests/test_k8s_manifests.py) are the ones this tritonserver knows."""
+    env = dict(os.environ, LD_LIBRARY_PATH=str(triton_libs()))
+    text = subprocess.run([str(tritonserver_binary()), "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env).stdout
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        block = text[text.index(flag):]
+        listed = re.search(r"Allowed (?:APIs|protocols): ([a-z,\s-]+)", block)[1]   # the list wraps over lines
+        assert {a.strip() for a in listed.split(",")} == TRITON_APIS, (flag, listed)
+
+
+def admin_args(overlay: str) -> list[str]:
+    """The overlay's Triton arguments with the Secret's key put in, as kubelet expands $(TRITON_ADMIN_KEY)."""
+    return [a.replace("$(TRITON_ADMIN_KEY)", ADMIN_KEY) for a in triton_args(overlay)]
+
+
+def grpc_headers(http_headers: dict) -> dict:
+    # Triton prefixes gRPC restriction headers: the key header is `triton-grpc-protocol-<header>` on gRPC.
+    return {f"triton-grpc-protocol-{k}": v for k, v in http_headers.items()}
+
+
+def refused(call) -> str:
+    """The server's refusal message of ``call`` (a tritonclient call); fails when the call is allowed."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        call()
+    except InferenceServerException as err:
+        return err.message()
+    raise AssertionError("the call was allowed without the admin key")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_production_args_serve_with_model_control_off(echo_repo):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import shared_memory as shm
+
     from serve.server import TritonServer
-    args = triton_args("production")
+    args = admin_args("production")
     assert "--model-control-mode=none" in args and "--metrics-config=summary_latencies=true" in args
     assert "--exit-timeout-secs=30" in args   # accepted by the real server below
-    with TritonServer(echo_repo, extra_args=args, ready_timeout=120) as server:
-        base = f"http://{server.http_url}"
-        infer = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode()
-        assert post(f"{base}/v2/models/echo/infer", body=infer) == 200
-        # No model control: loading/unloading is refused.
-        assert post(f"{base}/v2/repository/models/echo/unload") >= 400
-        metrics = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
-        assert 'nv_inference_request_summary_us{model="echo",version="1",quantile="0.99"}' in metrics
+    region = shm.create_shared_memory_region("probe", f"/seresnet-probe-{os.getpid()}", 64)
+    try:
+        with TritonServer(echo_repo, extra_args=args, ready_timeout=120) as server:
+            base = f"http://{server.http_url}"
+            infer = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode()
+            assert post(f"{base}/v2/models/echo/infer", body=infer) == 200     # inference: open
+            # No model control: loading/unloading is refused, even with the key.
+            assert post(f"{base}/v2/repository/models/echo/unload", KEY_HEADER) >= 400
+            metrics = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+            assert 'nv_inference_request_summary_us{model="echo",version="1",quantile="0.99"}' in metrics
+            # Shared-memory registration (the CVE-2025-23319/23320/23334 chain's step) and the other non-inference
+            # APIs: refused without the key on HTTP and on gRPC, answered with it.
+            http, grpc = httpclient.InferenceServerClient(server.http_url), grpcclient.InferenceServerClient(server.grpc_url)
+            key = f"/seresnet-probe-{os.getpid()}"
+            for client, headers in ((http, KEY_HEADER), (grpc, grpc_headers(KEY_HEADER))):
+                assert "restricted" in refused(lambda: client.register_system_shared_memory("probe", key, 64))
+                assert "restricted" in refused(lambda: client.register_system_shared_memory("probe", key, 64, headers={
+                    k: "wrong" for k in headers}))
+                assert "restricted" in refused(lambda: client.get_inference_statistics("echo"))
+                assert "restricted" in refused(lambda: client.get_model_repository_index())
+                assert "restricted" in refused(lambda: client.get_model_config("echo"))
+                client.register_system_shared_memory("probe", key, 64, headers=headers)
+                assert client.get_system_shared_memory_status(headers=headers)
+                client.unregister_system_shared_memory("probe", headers=headers)
+                assert client.get_inference_statistics("echo", headers=headers)
+                assert client.is_server_ready() and client.get_model_metadata("echo")   # health, metadata: open
+    finally:
+        shm.destroy_shared_memory_region(region)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_staging_restricted_api_needs_the_admin_key(echo_repo, monkeypatch):
+def test_staging_restricted_api_needs_the_admin_key(echo_repo):
+    import tritonclient.grpc as grpcclient
+
     from serve.server import TritonServer
-    key = "test-only-key-0123"
-    args = [a.replace("$(TRITON_ADMIN_KEY)", key) for a in triton_args("staging")]
+    args = admin_args("staging")
     assert "--model-control-mode=explicit" in args and sum("restricted" in a for a in args) == 2
     with TritonServer(echo_repo, extra_args=args, ready_timeout=120) as server:
         base = f"http://{server.http_url}"
         assert post(f"{base}/v2/repository/index") == 403
         assert post(f"{base}/v2/repository/index", {"triton-admin-key": "wrong"}) == 403
-        assert post(f"{base}/v2/repository/index", {"triton-admin-key": key}) == 200
-        assert post(f"{base}/v2/repository/models/echo/load", {"triton-admin-key": key}) == 200
+        assert post(f"{base}/v2/repository/models/echo/load") == 403
+        assert post(f"{base}/v2/repository/index", KEY_HEADER) == 200
+        assert post(f"{base}/v2/repository/models/echo/load", KEY_HEADER) == 200
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        assert "restricted" in refused(lambda: grpc.load_model("echo"))
+        assert "restricted" in refused(lambda: grpc.load_model("echo", headers=KEY_HEADER))   # HTTP's header name
+        grpc.load_model("echo", headers=grpc_headers(KEY_HEADER))
         infer = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode()
         assert post(f"{base}/v2/models/echo/infer", body=infer) == 200   # inference is not restricted
