@@ -24,7 +24,7 @@ def _quantize(a) -> int:
     """Static QDQ int8 of an export folder's model.onnx (serve/quantize.py), calibrated on real images: model.int8.onnx
     for TensorRT (its rules checked before the file is written) and/or model.int8.cpu.onnx for CPUs."""
     from serve.contract import INT8_TARGETS
-    from serve.samples import find_images
+    from serve.images import find_images
 
     images = find_images(a.calib_images)
     if not images:
@@ -70,7 +70,7 @@ def _repository(a) -> int:
 
     out = write_model_repository(a.export or a.checkpoint, a.out, a.target, precision=a.precision, onnx_path=a.onnx,
                                  plan=a.plan, plan_cc=a.plan_cc, ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads,
-                                 preprocess=a.preprocess)
+                                 preprocess=a.preprocess, max_queue_size=a.max_queue_size, queue_timeout_ms=a.queue_timeout_ms)
     meta = json.loads((out / "repository.json").read_text())
     print(f"[repository] {out} (target {meta['target']}, {meta['precision']}): models {', '.join(meta['models'])}; "
           f"serve it with: python -m serve up --repository {a.out}")
@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="python: PIL decode + the training eval transform (any target); dali (onnx, tensorrt): a python "
                         "guard checks each request, then DALI decodes on the GPU (nvJPEG) with the trainer's DALI eval "
                         "graph (default python)")
+    r.add_argument("--max-queue-size", type=int, default=None,
+                   help="requests each batched model may hold waiting before it rejects more at once (UNAVAILABLE / 503; "
+                        "default 4 x max_batch_size)")
+    r.add_argument("--queue-timeout-ms", type=int, default=None,
+                   help="a request waiting longer than this in a model's queue is rejected (default 5000)")
     r.set_defaults(func=_repository)
 
     u = sub.add_parser("up", help="Run tritonserver in the foreground on 127.0.0.1 until SIGTERM.")

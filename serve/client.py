@@ -53,8 +53,16 @@ def _status(err: Exception) -> str:
     return str(status() if callable(status) else status or "")
 
 
+# Triton sheds load with these (serve/model_config.py: a bounded REJECT queue on every batched model), as gRPC
+# UNAVAILABLE / HTTP 503. They are retried with the backoff below: the server is healthy and said "later", and the
+# exponential wait with jitter spreads the retries out; the attempts and seconds are bounded, so under sustained
+# overload the request still ends, with this message as its final error.
+SHED_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+
+
 def is_transient(err: Exception) -> bool:
-    """Worth retrying: the server is unreachable, restarting, or overloaded; never a rejected (4xx) request."""
+    """Worth retrying: the server is unreachable, restarting, or overloaded (a queue-full or queue-timeout rejection);
+    never a rejected (4xx) request."""
     from tritonclient.utils import InferenceServerException
 
     if isinstance(err, (ConnectionError, TimeoutError, OSError)) and not isinstance(err, InferenceServerException):
@@ -64,7 +72,8 @@ def is_transient(err: Exception) -> bool:
         if st in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED", "503", "502", "504"):
             return True
         if any(s in msg for s in ("failed to connect", "connection refused", "connection reset", "unavailable",
-                                  "socket closed", "broken pipe", "is not ready", "not found, model", "unknown model")):
+                                  "socket closed", "broken pipe", "is not ready", "not found, model", "unknown model")
+               + SHED_MESSAGES):
             return True
     return False
 

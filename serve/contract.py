@@ -38,7 +38,10 @@ def plan_filename(cc: str) -> str:
 
 # Export folder (`python -m serve export`): what the repository writer reads.
 EXPORT_ONNX = "model.onnx"              # fp32, softmax in the graph
-EXPORT_INT8_ONNX = "model.int8.onnx"    # static QDQ int8 (`python -m serve quantize`)
+# Static QDQ int8 (`python -m serve quantize`), one file per kind of runtime (serve/quantize.py says why):
+EXPORT_INT8_ONNX = "model.int8.onnx"          # symmetric int8, no int32 biases: TensorRT (and ONNX Runtime on GPUs)
+EXPORT_INT8_CPU_ONNX = "model.int8.cpu.onnx"  # uint8 activations, int32 biases: the fastest on CPUs (ONNX Runtime)
+INT8_TARGETS = ("cpu", "tensorrt")            # `serve quantize --target`: which of the two files to write
 EXPORT_LABELS = "labels.txt"            # one class name per line, index order
 EXPORT_SPEC = "serving_spec.json"       # {"eval": eval-transform spec, "serve": limits and batching, "classes": [...]}
 PRECISIONS = ("fp32", "int8")

@@ -1,6 +1,15 @@
 """Building blocks of Triton ModelConfig protobufs shared by the repository writers (serve/repository.py and its
-DALI route, serve/repository_dali.py): the protobuf module, parameters, dynamic batching, request limits, warm-up."""
+DALI route, serve/repository_dali.py): the protobuf module, parameters, dynamic batching with a bounded queue,
+request limits, warm-up."""
 from __future__ import annotations
+
+# Load shedding: every dynamically batched model (all but the ensemble, whose steps queue in their own models) holds
+# at most QUEUE_BATCHES full batches waiting, and a request waits at most QUEUE_TIMEOUT_MS; past either Triton
+# answers at once with UNAVAILABLE (gRPC) / 503 (HTTP), "Exceeds maximum queue size" or "Request timeout expired",
+# instead of growing its queue and memory without bound. The client retries that answer with backoff
+# (serve/client.py). `serve.max_queue_size` / `serve.queue_timeout_ms` in a serving spec override both.
+QUEUE_BATCHES = 4
+QUEUE_TIMEOUT_MS = 5000
 
 
 def pb():
@@ -13,10 +22,24 @@ def set_param(cfg, key: str, value) -> None:
     cfg.parameters[key].string_value = str(value)
 
 
+def queue_limits(serve_cfg) -> tuple[int, int]:
+    """(max_queue_size, queue timeout in microseconds) of every dynamically batched model."""
+    size = getattr(serve_cfg, "max_queue_size", None) or QUEUE_BATCHES * serve_cfg.max_batch_size
+    return int(size), 1000 * int(getattr(serve_cfg, "queue_timeout_ms", None) or QUEUE_TIMEOUT_MS)
+
+
 def add_batching(cfg, serve_cfg) -> None:
+    """Dynamic batching (preferred sizes, queue delay) with the bounded REJECT queue above (ModelQueuePolicy of
+    Triton's model_config.proto: timeout_action, default_timeout_microseconds, max_queue_size)."""
     sizes = [s for s in serve_cfg.preferred_batch_sizes if s <= serve_cfg.max_batch_size]
-    cfg.dynamic_batching.preferred_batch_size.extend(sizes)
-    cfg.dynamic_batching.max_queue_delay_microseconds = serve_cfg.max_queue_delay_us
+    batching = cfg.dynamic_batching
+    batching.preferred_batch_size.extend(sizes)
+    batching.max_queue_delay_microseconds = serve_cfg.max_queue_delay_us
+    size, timeout_us = queue_limits(serve_cfg)
+    policy = batching.default_queue_policy
+    policy.timeout_action = pb().ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = timeout_us
+    policy.max_queue_size = size
 
 
 def set_limits(cfg, serve_cfg, max_request_bytes: int) -> None:

@@ -1,23 +1,23 @@
 """Explicit int8: ONNX Runtime's static QDQ quantizer, calibrated on real training images through the eval transform.
 
-`quantize_int8` turns the exported fp32 ONNX into one QDQ ONNX (QuantizeLinear/DequantizeLinear around every Conv,
-the Gemm, the residual Adds and the SE blocks) that ONNX Runtime runs on CPU and TensorRT builds as an explicitly
-quantized int8 engine (no implicit calibrator, which TensorRT 10 deprecates). Choices, and why:
+`quantize_int8` turns the exported fp32 ONNX into a QDQ ONNX (QuantizeLinear/DequantizeLinear around every Conv, the
+Gemm, the residual Adds and the SE blocks), in one of two flavours, because no one file is right for both runtimes:
 
-- Symmetric signed int8 for activations AND weights (zero point 0). TensorRT only imports symmetric Q/DQ: its ONNX
-  parser asserts "TRT only supports symmetric quantization - zeroPt must be all zeros"
-  (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quantized-types.html,
-  https://github.com/onnx/tensorflow-onnx/issues/1713), and ONNX Runtime's own guidance for TensorRT is symmetric
-  QInt8 for both (docstring of `onnxruntime.quantization.quantize_static`, ORT 1.32). ONNX Runtime's CPU kernels run
-  the same S8S8 QDQ graph, so one file serves both; ORT's CPU-only advice (QUInt8 activations, plus reduce_range on
-  CPUs without VNNI) would give a file TensorRT refuses. `activations="uint8"` exists to measure that CPU-only variant.
-- Per-channel weights: per-output-channel scales keep ResNet convolutions accurate (ORT docstring, same place).
+- TensorRT (`activations="int8"`, `serve quantize --target tensorrt`, model.int8.onnx): symmetric signed int8 for
+  activations AND weights (zero point 0) and float biases. TensorRT imports only symmetric int8 Q/DQ ("TRT only
+  supports symmetric quantization - zeroPt must be all zeros",
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quantized-types.html), and its ONNX
+  importer refuses DequantizeLinear of INT32 (onnx/onnx-tensorrt#850), which is how ORT stores quantized biases by
+  default; `QuantizeBias: False` keeps them float (onnxruntime/quantization/qdq_quantizer.py reads it, ORT 1.32).
+  The file is checked against TensorRT's rules (serve/tensorrt_qdq.py) before it is written.
+- CPU (`activations="uint8"`, `--target cpu`, model.int8.cpu.onnx): ORT's CPU recipe, uint8 activations and int32
+  biases, which its CPU kernels run fused (QLinearConv). On a Zen 4 CPU with VNNI it ran ~3x faster than fp32 while
+  the TensorRT file ran slower than fp32 (0.79x / 0.64x at batch 1 / 16), same top-1: a CPU repository serves it.
+- Per-channel weights: per-output-channel scales keep ResNet convolutions accurate (ORT's quantize_static docstring).
 - reduce_range (7-bit weights, still symmetric int8 with zero point 0, so TensorRT takes it): on x86 CPUs without VNNI
-  (AVX2 only, like this project's AMD EPYC hosts) ONNX Runtime's int8 kernels add u8*s8 products pairwise in int16
-  (VPMADDUBSW) and saturate; the ORT docstring advises reduce_range there. Measured on such a host: without it 36-46%
-  of a small CNN's top-1 answers changed; with it the demo model's changed on 0.6% of the test split.
-- Speed differs by CPU: on that AVX2 host the symmetric (TensorRT) file ran 0.8-0.9x fp32 while QUInt8 activations ran
-  2.1-2.4x (same drift); on AMX/VNNI hosts int8 was measured 3.7x faster than fp32.
+  (AVX2 only) ONNX Runtime's int8 kernels add u8*s8 products pairwise in int16 (VPMADDUBSW) and saturate; the ORT
+  docstring advises reduce_range there. Measured on such a host: without it 36-46% of a small CNN's top-1 answers
+  changed; with it the demo model's changed on 0.6% of the test split.
 - Softmax and Sigmoid stay fp32: an int8 softmax quantises the probabilities to 1/127 steps, making top-1 ties.
 - `quant_pre_process` first (shape inference + graph optimisation, as ORT recommends before static quantization).
 - Static, not dynamic: dynamic int8 of convolutions measured 3-12x slower than fp32 on CPU.
@@ -33,15 +33,21 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from serve.contract import INPUT_NAME, OUTPUT_NAME
+from serve.contract import EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, INT8_TARGETS, OUTPUT_NAME
 from serve.errors import ServeError
 from serve.export import ort_session
+from serve.tensorrt_qdq import require_tensorrt_qdq
 from train.transforms import EvalSpec, ImageDecodeError, decode_image, eval_transform
 
 QUANT_OPS = ["Conv", "Gemm", "Add", "Mul", "GlobalAveragePool", "Relu", "Flatten"]  # not Softmax/Sigmoid (see above)
 MAX_TOP1_DISAGREEMENT = 0.02    # largest fraction of validation images whose top-1 may change
 MAX_ACCURACY_DROP = 0.01        # largest top-1 accuracy loss (fraction) on labelled validation images
 CALIB_BATCH = 32
+# Per target: activation type and ORT extra_options (onnxruntime/quantization/quantize.py documents the keys).
+ACTIVATIONS = {"tensorrt": "int8", "cpu": "uint8"}
+TARGET_FILES = {"tensorrt": EXPORT_INT8_ONNX, "cpu": EXPORT_INT8_CPU_ONNX}
+TENSORRT_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+CPU_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}   # ORT's defaults: int32 biases
 
 
 def eval_spec(spec) -> EvalSpec:
@@ -146,7 +152,7 @@ def quantize_int8(onnx_in: Path, onnx_out: Path, calibration_images: list[Path],
     if n < 1 or not calibration_images:
         raise ServeError("int8 calibration needs training images (n >= 1); pass the training split, e.g. data/animals/train.")
     if activations not in ("int8", "uint8"):
-        raise ServeError(f"activations must be 'int8' (symmetric, TensorRT and ORT) or 'uint8' (ORT CPU only), not {activations!r}.")
+        raise ServeError(f"activations must be 'int8' (symmetric: TensorRT) or 'uint8' (ONNX Runtime on CPUs), not {activations!r}.")
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     if method not in methods:
@@ -161,18 +167,20 @@ def quantize_int8(onnx_in: Path, onnx_out: Path, calibration_images: list[Path],
     x_cal = pixels(calib, spec)
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="quant-", dir=onnx_out.parent) as tmp:
-        prepped = Path(tmp) / "prepped.onnx"
+        prepped, written = Path(tmp) / "prepped.onnx", Path(tmp) / onnx_out.name
         quant_pre_process(str(onnx_in), str(prepped), skip_symbolic_shape=True)
         act = QuantType.QInt8 if activations == "int8" else QuantType.QUInt8
         quantize_static(
-            str(prepped), str(onnx_out), _Reader(x_cal), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANT_OPS,
+            str(prepped), str(written), _Reader(x_cal), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANT_OPS,
             per_channel=True, reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8, calibrate_method=methods[method],
-            # Symmetric activations (zero point 0) for TensorRT; weights are symmetric by default for QInt8.
-            extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
-        )
+            extra_options=dict(TENSORRT_OPTIONS if activations == "int8" else CPU_OPTIONS))
+        onnx.checker.check_model(str(written))
+        if activations == "int8":  # the TensorRT file: refused here, not on the GPU node that builds the plan
+            require_tensorrt_qdq(written, f"the int8 file for TensorRT ({onnx_out.name})")
+        written.replace(onnx_out)
     seconds = time.perf_counter() - t0
-    onnx.checker.check_model(str(onnx_out))
     report = {"onnx_fp32": str(onnx_in), "onnx_int8": str(onnx_out), "activations": activations, "method": method,
+              "target": "tensorrt" if activations == "int8" else "cpu",
               "reduce_range": reduce_range,
               "calibration_images": len(calib), "quantize_seconds": round(seconds, 2),
               "fp32_bytes": onnx_in.stat().st_size, "int8_bytes": onnx_out.stat().st_size}
@@ -191,6 +199,22 @@ def quantize_int8(onnx_in: Path, onnx_out: Path, calibration_images: list[Path],
         raise ServeError(f"int8 lost {v['top1_drop_points']:.2f} points of top-1 on {v['images']} validation images "
                          f"(bound {100 * max_accuracy_drop:.2f}); calibrate on more training images or serve fp32.")
     return report
+
+
+def quantize_export(export_dir: str | Path, calibration_images: list[Path], targets: Sequence[str] = INT8_TARGETS,
+                    **kwargs) -> dict[str, dict]:
+    """Quantize an export folder's model.onnx for each of ``targets``: 'tensorrt' -> model.int8.onnx (symmetric,
+    TensorRT's rules checked), 'cpu' -> model.int8.cpu.onnx (uint8 activations). ``kwargs`` go to `quantize_int8`;
+    the spec is the folder's serving_spec.json. Returns {target: report}."""
+    from serve.export import read_export
+
+    bad = [t for t in targets if t not in INT8_TARGETS]
+    if bad or not targets:
+        raise ServeError(f"unknown int8 target(s) {bad}; choose from {', '.join(INT8_TARGETS)}.")
+    d = Path(export_dir)
+    spec = read_export(d)
+    return {t: quantize_int8(d / EXPORT_ONNX, d / TARGET_FILES[t], calibration_images, spec, activations=ACTIVATIONS[t],
+                             **kwargs) for t in targets}
 
 
 def qdq_summary(path: str | Path) -> dict:

@@ -19,12 +19,14 @@ from typing import Optional
 import serve.contract
 import train.transforms
 from serve.contract import (CHECKED_IMAGE, CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE, ENSEMBLE_INPUT, EVAL_SPEC_FILE,
-                            EXPORT_INT8_ONNX, EXPORT_ONNX, GUARD, INPUT_NAME, OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS,
+                            EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX, EXPORT_ONNX, GUARD, INPUT_NAME, OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS,
                             PREPROCESS, PREPROCESS_BACKENDS, REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
 from serve.errors import ServeError
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
-from serve.model_config import add_batching as _batching, add_jpeg_warmup, pb as _pb, set_limits, set_param as _param
+from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb as _pb, queue_limits, set_limits,
+                                set_param as _param)
 from serve.repository_dali import add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config
+from serve.tensorrt_qdq import require_tensorrt_qdq
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"   # python model sources, copied into version folders
 MODEL_SOURCES = {CLASSIFIER: RUNTIME / "classifier.py", PREPROCESS: RUNTIME / "preprocess.py",
@@ -203,9 +205,11 @@ def prepare_out(out_dir: str | Path) -> Path:
     return out
 
 
-def _export_folder(source: Path, onnx_path: Optional[Path], precision: str, images, tmp: Path, out: Path) -> tuple[Path, Path]:
-    """(export folder, ONNX file to serve) from an export folder, or from a checkpoint (exported first, or with ``onnx_path``)."""
-    name = EXPORT_INT8_ONNX if precision == "int8" else EXPORT_ONNX
+def _export_folder(source: Path, onnx_path: Optional[Path], precision: str, images, tmp: Path, out: Path,
+                   target: str = "cpu") -> tuple[Path, Path]:
+    """(export folder, ONNX file to serve) from an export folder, or from a checkpoint (exported first, or with
+    ``onnx_path``). int8: the CPU target serves the CPU file, the GPU targets the TensorRT one (serve/quantize.py)."""
+    name = (EXPORT_INT8_CPU_ONNX if target == "cpu" else EXPORT_INT8_ONNX) if precision == "int8" else EXPORT_ONNX
     if source.is_dir():
         return source, Path(onnx_path) if onnx_path else source / name
     if not source.is_file():
@@ -219,15 +223,26 @@ def _export_folder(source: Path, onnx_path: Optional[Path], precision: str, imag
         raise ServeError("an int8 repository serves model.int8.onnx of an export folder; run 'python -m serve export' and "
                          "'python -m serve quantize --export DIR', then pass that folder instead of the checkpoint.")
     report = export_onnx(source, tmp, images=images)
-    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    (out / "export_report.json").write_text(json.dumps(builder_paths_removed(report), indent=2))
     return tmp, tmp / EXPORT_ONNX
+
+
+def builder_paths_removed(value):
+    """``value`` (JSON-like) with every absolute path reduced to its file name: a repository names no path of the
+    machine that wrote it."""
+    if isinstance(value, dict):
+        return {k: builder_paths_removed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [builder_paths_removed(v) for v in value]
+    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
 
 
 def write_model_repository(source: str | Path, out_dir: str | Path, target: str = "cpu", *, precision: str = "fp32",
                            onnx_path: Optional[str | Path] = None, plan: Optional[str | Path] = None,
                            plan_cc: Optional[str] = None, ort_tensorrt: bool = False, ort_threads: int = 0,
                            preprocess_instances: Optional[int] = None, images=None,
-                           max_request_bytes: Optional[int] = None, preprocess: str = "python") -> Path:
+                           max_request_bytes: Optional[int] = None, preprocess: str = "python",
+                           max_queue_size: Optional[int] = None, queue_timeout_ms: Optional[int] = None) -> Path:
     """Write a servable, self-contained Triton repository into ``out_dir`` and return its path.
 
     ``source``: an export folder (``python -m serve export``: model.onnx [+ model.int8.onnx], serving_spec.json,
@@ -236,7 +251,9 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
     (onnxruntime_onnx, optionally with the TensorRT accelerator), 'tensorrt' (tensorrt_plan named per compute
     capability; the ONNX kept alongside for the init container; ``plan``/``plan_cc`` copy a plan built with
     ``python -m serve trt``) or 'int8' (= 'cpu' with ``precision='int8'``). ``precision='int8'`` serves the export
-    folder's model.int8.onnx (static QDQ) through the target's route. ``preprocess``: 'python' (PIL, the training
+    folder's static QDQ file for the target: model.int8.cpu.onnx on 'cpu', model.int8.onnx (TensorRT's rules
+    checked) on 'onnx' and 'tensorrt'. ``max_queue_size``/``queue_timeout_ms``: every batched model's bounded
+    REJECT queue (default serve/model_config.py). ``preprocess``: 'python' (PIL, the training
     eval transform; any target) or 'dali' (GPU targets: `guard` checks each request without decoding, then DALI
     decodes on the GPU with the trainer's DALI eval graph). ``out_dir`` must be new, empty or a repository this
     writer made.
@@ -258,12 +275,17 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
         raise ServeError(f"TensorRT plan '{plan}' does not exist; build it with 'python -m serve trt'.")
     with tempfile.TemporaryDirectory(prefix="seresnet-export-") as tmp:
         out = prepare_out(out_dir)
-        export_dir, onnx = _export_folder(Path(source), Path(onnx_path) if onnx_path else None, precision, images, Path(tmp), out)
+        export_dir, onnx = _export_folder(Path(source), Path(onnx_path) if onnx_path else None, precision, images, Path(tmp), out,
+                                          target)
         spec = read_export(export_dir)
         if not onnx.is_file():
             hint = "'python -m serve quantize --export DIR'" if precision == "int8" else "'python -m serve export'"
             raise ServeError(f"ONNX model '{onnx}' does not exist; write it with {hint} first.")
+        if precision == "int8" and target != "cpu":  # the init container builds a TensorRT plan from this file
+            require_tensorrt_qdq(onnx, f"'{onnx}'")
         classes, ev, s = spec["classes"], spec["eval"], SimpleNamespace(**spec["serve"])
+        s.max_queue_size = max_queue_size or getattr(s, "max_queue_size", None)
+        s.queue_timeout_ms = queue_timeout_ms or getattr(s, "queue_timeout_ms", None)
         n, size = len(classes), int(ev["image_size"])
         cls_files: dict[str, Path | bytes] = {f"1/{EXPORT_ONNX}": onnx}   # int8: the QDQ model under the served name
         if target == "cpu":
@@ -290,11 +312,12 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
             _write_model(out, POSTPROCESS, postprocess_config(s, n), runtime_files(POSTPROCESS), labels=classes)
         _write_model(out, ENSEMBLE, ensemble_config(s, n, with_post, preprocess == "dali"), {}, labels=classes)
         (out / "repository.json").write_text(json.dumps({
-            "source": str(Path(source).resolve()), "checkpoint": spec.get("checkpoint"), "target": target,
+            "source": Path(source).resolve().name, "checkpoint": builder_paths_removed(spec.get("checkpoint")), "target": target,
             "precision": precision, "preprocess": preprocess, "classes": classes, "eval_spec": ev,
             "onnx_sha256": hashlib.sha256(onnx.read_bytes()).hexdigest(),
             "limits": {"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
-                       "max_request_bytes": request_cap},
+                       "max_request_bytes": request_cap, "max_queue_size": queue_limits(s)[0],
+                       "queue_timeout_ms": queue_limits(s)[1] // 1000},
             "models": [CLASSIFIER] + ([GUARD] if preprocess == "dali" else []) + [PREPROCESS]
                       + ([POSTPROCESS] if with_post else []) + [ENSEMBLE],
         }, indent=2))

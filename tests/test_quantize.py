@@ -1,5 +1,6 @@
 """serve.quantize: static QDQ int8 of a small real model trained here on real PNGs (the ops of SE-ResNet50: Conv/BN/
-ReLU, residual Add, a squeeze-excitation block, Gemm, Softmax), calibrated through the project's eval transform."""
+ReLU, residual Add, a squeeze-excitation block, Gemm, Softmax), calibrated through the project's eval transform; the
+TensorRT file held to TensorRT's explicit-quantization rules (serve/tensorrt_qdq.py)."""
 from __future__ import annotations
 
 import shutil
@@ -13,11 +14,13 @@ from onnx import numpy_helper
 from PIL import Image
 from torch import nn
 
-from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
+import serve.quantize as quantize
+from serve.contract import EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
 from serve.evaluate import evaluate_folder
 from serve.export import WithSoftmax, write_spec
-from serve.quantize import eval_spec, pixels, predict, quantize_int8, session
+from serve.quantize import eval_spec, pixels, predict, quantize_export, quantize_int8, session
+from serve.tensorrt_qdq import check_tensorrt_qdq
 from serve.repository import write_model_repository
 from serve.server import TritonServer
 from tests.conftest import draw_sample
@@ -89,6 +92,10 @@ def trained(tmp_path_factory):
     return out, root
 
 
+def _qdq_nodes(g):
+    return [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
 def test_static_qdq_int8_is_symmetric_small_and_agrees_with_fp32(trained, tmp_path):
     fp32, root = trained
     train = sorted((root / "train").rglob("*.png"))
@@ -103,12 +110,14 @@ def test_static_qdq_int8_is_symmetric_small_and_agrees_with_fp32(trained, tmp_pa
         if n.op_type in ("Conv", "Gemm"):
             assert producer.get(n.input[0]) == "DequantizeLinear" and producer.get(n.input[1]) == "DequantizeLinear", n.name
     assert report["qdq_nodes"]["Conv_int8"] == report["qdq_nodes"]["Conv"] == 6
-    # TensorRT imports only symmetric signed int8 Q/DQ: every zero point is an int8 zero.
+    # TensorRT imports only symmetric signed int8 Q/DQ: every zero point is an int8 zero, and no DQ of INT32: the
+    # Conv/Gemm biases stay float initializers (onnx-tensorrt refuses ORT's default int32 bias DequantizeLinear).
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    zps = [inits[n.input[2]] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert zps and not any(z.any() for z in zps)
-    assert all(inits[n.input[2]].dtype == np.int8 for n in g.node if n.op_type == "QuantizeLinear")
-    assert {z.dtype for z in zps} <= {np.dtype(np.int8), np.dtype(np.int32)}  # int32: the Conv/Gemm biases
+    zps = [inits[n.input[2]] for n in _qdq_nodes(g)]
+    assert zps and not any(z.any() for z in zps) and {z.dtype for z in zps} == {np.dtype(np.int8)}
+    biases = [n.input[2] for n in g.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2]]
+    assert len(biases) >= 6 and all(inits[b].dtype == np.float32 for b in biases)
+    assert check_tensorrt_qdq(out) == [] and report["target"] == "tensorrt"
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and producer.get(n.input[0]) == "Softmax" for n in g.node)
     # Weights stored as int8 with per-channel scales: the file shrinks ~4x.
     assert report["size_ratio"] < 0.35, report["size_ratio"]
@@ -123,15 +132,76 @@ def test_static_qdq_int8_is_symmetric_small_and_agrees_with_fp32(trained, tmp_pa
     assert (out.parent / "model.int8_report.json").is_file()
 
 
-def test_uint8_activation_variant_and_calibration_sampling(trained, tmp_path):
+def test_cpu_file_is_ort_cpu_recipe_and_tensorrt_rules_refuse_it(trained, tmp_path):
+    """The CPU file: uint8 activations and int32 biases (ORT's fused CPU kernels); the TensorRT check names both."""
     fp32, root = trained
     train = sorted((root / "train").rglob("*.png"))
     r = quantize_int8(fp32, tmp_path / "u8.onnx", train, SPEC, n=16, activations="uint8")
-    assert r["calibration_images"] == 16 and r["activations"] == "uint8"
+    assert r["calibration_images"] == 16 and r["activations"] == "uint8" and r["target"] == "cpu"
     assert r["validation"]["images"] == len(train) - 16  # default validation: training images not drawn for calibration
     g = onnx.load(str(tmp_path / "u8.onnx")).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     assert any(inits[n.input[2]].dtype == np.uint8 for n in g.node if n.op_type == "QuantizeLinear")
+    problems = " | ".join(check_tensorrt_qdq(tmp_path / "u8.onnx"))
+    assert "zero point is UINT8" in problems and "dequantizes INT32" in problems, problems
+
+
+def test_quantize_refuses_to_write_a_tensorrt_file_that_breaks_its_rules(trained, tmp_path, monkeypatch):
+    """ORT's default QuantizeBias (int32 bias DequantizeLinear, the file onnx-tensorrt refuses) is caught before the
+    file is written: one sentence, no file."""
+    fp32, root = trained
+    train = sorted((root / "train").rglob("*.png"))
+    monkeypatch.setattr(quantize, "TENSORRT_OPTIONS", {**quantize.TENSORRT_OPTIONS, "QuantizeBias": True})
+    out = tmp_path / EXPORT_INT8_ONNX
+    with pytest.raises(ServeError, match=r"breaks TensorRT's explicit-quantization rules: .*dequantizes INT32") as err:
+        quantize_int8(fp32, out, train, SPEC, n=16, validation_images=[])
+    assert "\n" not in str(err.value) and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _mutated(src: Path, dst: Path, edit) -> Path:
+    m = onnx.load(str(src))
+    edit(m.graph, {t.name: t for t in m.graph.initializer})
+    onnx.save(m, str(dst))
+    return dst
+
+
+def _set(inits, name, array):
+    inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+
+@pytest.fixture(scope="module")
+def tensorrt_file(trained, tmp_path_factory):
+    fp32, root = trained
+    out = tmp_path_factory.mktemp("trt") / EXPORT_INT8_ONNX
+    quantize_int8(fp32, out, sorted((root / "train").rglob("*.png")), SPEC, n=16, validation_images=[])
+    return out
+
+
+def test_tensorrt_rules_check_names_each_defect(trained, tensorrt_file, tmp_path):
+    """Each rule fails on a file that breaks it alone (mutations of the good TensorRT file) and on the fp32 file."""
+    good = tensorrt_file
+    assert check_tensorrt_qdq(good) == []
+    g = onnx.load(str(good)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    act_q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits)
+    conv_w = next(n for n in g.node if n.op_type == "DequantizeLinear" and inits.get(n.input[1], np.zeros(1)).size > 1)
+
+    def zp_one(graph, ini):
+        _set(ini, act_q.input[2], np.array(1, np.int8))
+
+    def scale_negative(graph, ini):
+        _set(ini, act_q.input[1], -numpy_helper.to_array(ini[act_q.input[1]]))
+
+    def axis_one(graph, ini):
+        node = next(n for n in graph.node if n.output == conv_w.output)
+        node.attribute.remove(next(a for a in node.attribute if a.name == "axis"))  # ONNX default axis: 1
+
+    cases = {"zero point is not 0": zp_one, "scale is not finite and positive": scale_negative,
+             "TensorRT takes axis 0": axis_one}
+    for needle, edit in cases.items():
+        problems = check_tensorrt_qdq(_mutated(good, tmp_path / "bad.onnx", edit))
+        assert problems and all(needle in p for p in problems), (needle, problems)  # a Q and its DQ share constants
+    assert check_tensorrt_qdq(trained[0]) == ["it has no QuantizeLinear/DequantizeLinear nodes (not an explicitly quantized file)"]
 
 
 def test_bounds_and_user_errors_are_one_sentence(trained, tmp_path):
@@ -143,6 +213,8 @@ def test_bounds_and_user_errors_are_one_sentence(trained, tmp_path):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "b.onnx", train, SPEC)
     with pytest.raises(ServeError, match="needs training images"):
         quantize_int8(fp32, tmp_path / "c.onnx", [], SPEC)
+    with pytest.raises(ServeError, match="unknown int8 target"):
+        quantize_export(tmp_path, train, ["gpu"])
     with pytest.raises(ServeError, match="activations must be"):
         quantize_int8(fp32, tmp_path / "d.onnx", train, SPEC, activations="fp8")
     with pytest.raises(ServeError, match="no usable eval transform"):
@@ -157,9 +229,9 @@ def test_bounds_and_user_errors_are_one_sentence(trained, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_int8_repository_is_served_by_tritonserver_with_the_accuracy_it_has_in_process(trained, tmp_path):
-    """`serve quantize` output in an export folder -> `serve repository --target int8` -> the real tritonserver ->
-    `serve evaluate` on the held-out test split: the served top-1 is what ONNX Runtime gives in-process on the same
-    images (one answer of slack for thread-order rounding), and the task is still learnt."""
+    """`serve quantize` (both files) in an export folder -> `serve repository --target int8` (the CPU file) -> the
+    real tritonserver -> `serve evaluate` on the held-out test split: the served top-1 is what ONNX Runtime gives
+    in-process on the same images (one answer of slack for thread-order rounding), and the task is still learnt."""
     fp32, root = trained
     export = tmp_path / "export"
     export.mkdir()
@@ -168,13 +240,14 @@ def test_int8_repository_is_served_by_tritonserver_with_the_accuracy_it_has_in_p
                                                        f"data.eval_resize={SPEC['eval']['eval_resize']}"])
     write_spec(export, cfg, SPEC["classes"])
     train = sorted((root / "train").rglob("*.png"))
-    quantize_int8(export / EXPORT_ONNX, export / EXPORT_INT8_ONNX, train, SPEC, n=128)
+    reports = quantize_export(export, train, n=128)
+    assert set(reports) == {"cpu", "tensorrt"} and check_tensorrt_qdq(export / EXPORT_INT8_ONNX) == []
     repo = write_model_repository(export, tmp_path / "repo", "int8")
-    assert (repo / "se_resnet50" / "1" / EXPORT_ONNX).read_bytes() == (export / EXPORT_INT8_ONNX).read_bytes()
+    assert (repo / "se_resnet50" / "1" / EXPORT_ONNX).read_bytes() == (export / EXPORT_INT8_CPU_ONNX).read_bytes()
 
     test = sorted((root / "test").rglob("*.png"))
     truth = np.array([SPEC["classes"].index(p.parent.name) for p in test])
-    in_process = float((predict(session(export / EXPORT_INT8_ONNX), pixels(test, SPEC)).argmax(1) == truth).mean())
+    in_process = float((predict(session(export / EXPORT_INT8_CPU_ONNX), pixels(test, SPEC)).argmax(1) == truth).mean())
     with TritonServer(repo, ready_timeout=300) as server:
         r = evaluate_folder(server.grpc_url, root / "test", "grpc", tmp_path / "eval", progress=False, concurrency=4)
     assert r["images"] == len(test) == 96 and r["errors"] == 0, r

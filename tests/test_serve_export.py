@@ -59,19 +59,6 @@ def test_parity_failure_is_reported(exported, monkeypatch):
         ex.export_onnx(ckpt, Path(exported[1]).parent.parent / "bad")
 
 
-def test_int8_linear_quantization_drift_within_bound(exported, tmp_path):
-    from serve.export import quantize_linear_int8
-    import onnx
-
-    ckpt, onnx_path, _ = exported
-    r = quantize_linear_int8(onnx_path, tmp_path / "model.int8.onnx", ckpt, repeats=3)
-    assert r["top1_drift"] <= r["max_drift"] and r["max_abs_prob_diff"] < 0.05
-    assert r["int8_bytes"] < r["fp32_bytes"] and r["fp32_latency_ms_b1"] > 0 and r["int8_latency_ms_b8"] > 0
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "model.int8.onnx")).graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
-    assert "ConvInteger" not in ops  # Conv stays fp32 (int8 Conv is 3-12x slower on this CPU)
-
-
 def test_tensorrt_without_tensorrt_is_one_clear_error(exported):
     from serve.tensorrt import build_plan
 
@@ -92,13 +79,15 @@ def test_tensorrt_without_tensorrt_is_one_clear_error(exported):
 
 @pytest.fixture(scope="module")
 def export_dir(exported):
-    """The export folder, with a model.int8.onnx (dynamic int8 here: the writer only copies the file)."""
+    """The export folder, with a model.int8.cpu.onnx and a model.int8.onnx (dynamic int8 here: the CPU route only copies
+    the file; the GPU routes refuse it, it breaks TensorRT's Q/DQ rules)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from serve.contract import EXPORT_INT8_ONNX
+    from serve.contract import EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX
 
     d = Path(exported[1]).parent
-    quantize_dynamic(str(exported[1]), str(d / EXPORT_INT8_ONNX), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    for name in (EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX):
+        quantize_dynamic(str(exported[1]), str(d / name), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
     return d
 
 
@@ -124,7 +113,7 @@ def test_every_config_pbtxt_parses_as_model_config(export_dir, tmp_path, target)
     precision = "int8" if target == "int8" else "fp32"
     assert cls.parameters["PRECISION"].string_value == precision
     served = (repo / C.CLASSIFIER / "1" / C.EXPORT_ONNX).read_bytes()  # always shipped: fallback and init-container input
-    assert served == (export_dir / (C.EXPORT_INT8_ONNX if precision == "int8" else C.EXPORT_ONNX)).read_bytes()
+    assert served == (export_dir / (C.EXPORT_INT8_CPU_ONNX if precision == "int8" else C.EXPORT_ONNX)).read_bytes()
     if python_classifier:
         assert cls.backend == "python" and cls.parameters["ONNX_FILE"].string_value == C.EXPORT_ONNX
         assert {p.name for p in (repo / C.CLASSIFIER / "1").iterdir()} >= {"model.py", "seresnet_serving.py", "seresnet_contract.py"}
@@ -149,13 +138,48 @@ def test_every_config_pbtxt_parses_as_model_config(export_dir, tmp_path, target)
     assert json.loads((repo / C.PREPROCESS / "1" / C.EVAL_SPEC_FILE).read_text()) == {
         "image_size": 32, "eval_resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "reducing_gap": 3.0}
     assert (repo / "preprocess/warmup/sample.jpg").stat().st_size == pre.model_warmup[0].inputs["image"].dims[0]
-    # Standalone: nothing in the repository names the checkout (no PROJECT_ROOT, no path of this repository).
+    # Load shedding: every batched model (all but the ensemble) rejects at once past a bounded queue or a queue timeout.
+    for name, c in configs.items():
+        if name == C.ENSEMBLE:
+            assert c.WhichOneof("scheduling_choice") == "ensemble_scheduling"
+            continue
+        q = c.dynamic_batching.default_queue_policy
+        assert (q.timeout_action, q.max_queue_size, q.default_timeout_microseconds) == (q.REJECT, 4 * 32, 5_000_000), name
+    # Standalone: nothing in the repository names the checkout or any path of the machine that wrote it.
     for f in repo.rglob("*"):
-        if f.is_file() and f.suffix in (".py", ".pbtxt", ".json", ".txt") and f.name != "repository.json":
+        if f.is_file() and f.suffix in (".py", ".pbtxt", ".json", ".txt"):
             text = f.read_text()
-            assert "PROJECT_ROOT" not in text and str(ROOT) not in text, f
+            assert "PROJECT_ROOT" not in text and str(ROOT) not in text and str(export_dir) not in text, f
     meta = json.loads((repo / "repository.json").read_text())
     assert meta["precision"] == precision and meta["target"] == ("cpu" if target == "int8" else target)
+    assert meta["source"] == export_dir.name and meta["checkpoint"] == "last.pt"
+    assert meta["limits"]["max_queue_size"] == 128 and meta["limits"]["queue_timeout_ms"] == 5000
+
+
+def test_repository_from_a_checkpoint_names_no_path_of_its_builder(exported, tmp_path):
+    """The checkpoint route exports into a temporary folder: neither it, the checkpoint's folder nor tmp_path may
+    appear in any file of the repository (repository.json, export_report.json, configs)."""
+    from serve.repository import write_model_repository
+
+    ckpt = exported[0]
+    repo = write_model_repository(ckpt, tmp_path / "repo", "cpu", max_queue_size=7, queue_timeout_ms=250)
+    texts = {f: f.read_text() for f in repo.rglob("*") if f.is_file() and f.suffix in (".py", ".pbtxt", ".json", ".txt")}
+    assert repo / "repository.json" in texts and repo / "export_report.json" in texts
+    for f, text in texts.items():
+        for path in (str(tmp_path), str(Path(ckpt).parent), "/tmp/", str(ROOT)):
+            assert path not in text, (f, path)
+    assert "max_queue_size: 7" in texts[repo / "preprocess" / "config.pbtxt"]
+    assert "default_timeout_microseconds: 250000" in texts[repo / "se_resnet50" / "config.pbtxt"]
+
+
+def test_gpu_int8_repository_refuses_a_file_tensorrt_cannot_build(export_dir, tmp_path):
+    """The init container builds a TensorRT plan from the int8 file of a GPU repository: one that breaks TensorRT's
+    Q/DQ rules (here dynamic int8, no Q/DQ at all) is refused when the repository is written."""
+    from serve.repository import write_model_repository
+
+    for target in ("tensorrt", "onnx"):
+        with pytest.raises(ServeError, match=r"model\.int8\.onnx' breaks TensorRT's explicit-quantization rules: it has no "):
+            write_model_repository(export_dir, tmp_path / target, target, precision="int8")
 
 
 def test_serving_eval_module_is_train_transforms_verbatim(export_dir, tmp_path):
