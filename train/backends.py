@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from train.checkpoint import CheckpointError, CheckpointManager, safe_load
@@ -87,23 +89,17 @@ class DDPBackend:
                        "scaler": self.scaler.state_dict() if self.scaler else None}, step, is_best=is_best)
 
     def resume(self, ckpt: CheckpointManager, out: Path) -> Optional[tuple[dict, str]]:
-        def latest() -> Optional[str]:
-            found = ckpt.load_latest()
+        def latest() -> Optional[tuple[dict, Path]]:
+            found = ckpt.load_latest()   # every checkpoint corrupt: CheckpointError, sent to every rank
             if found is None:
-                if ckpt.step_files() or ckpt.last.exists():
-                    log.warning("no checkpoint in %s verifies; starting over", ckpt.dir)
                 return None
             state, path = found
             if "optimizer" not in state:
                 log.warning("%s holds weights only (no optimizer state); starting over", path)
                 return None
-            return str(path)
+            return state, path
 
-        path = decide_on_main(self.dinfo, latest)
-        if path is None:
-            return None
-        state = safe_load(path)
-        return state, path
+        return shared_checkpoint(self.dinfo, latest)
 
     def load(self, state: dict) -> None:
         self.module.load_state_dict(state.get("train_model", state["model"]))
@@ -185,10 +181,14 @@ class DeepSpeedBackend:
 
     def resume(self, ckpt: CheckpointManager, out: Path) -> Optional[tuple[dict, str]]:
         ds_dir = out / "checkpoints" / "deepspeed"
-        if not decide_on_main(self.dinfo, lambda: (ds_dir / "latest").exists()):
+        # DeepSpeed's `latest` names the tag; rank 0 reads it and every rank loads that tag (its own ZeRO shard).
+        tag = decide_on_main(self.dinfo, lambda: (ds_dir / "latest").read_text().strip()
+                             if (ds_dir / "latest").is_file() else None)
+        if not tag:
             return None
+        wait_visible(ds_dir / tag, None, self.dinfo.rank)
         try:
-            path, client = self.engine.load_checkpoint(str(ds_dir))
+            path, client = self.engine.load_checkpoint(str(ds_dir), tag=tag)
         except (pickle.UnpicklingError, RuntimeError) as err:
             raise CheckpointError(f"DeepSpeed checkpoint in '{ds_dir}' could not be loaded safely "
                                   f"({str(err).strip().splitlines()[0][:200]}); delete it or set train.resume=false.") from None
@@ -201,6 +201,64 @@ class DeepSpeedBackend:
 
     def load(self, state: dict) -> None:  # load_checkpoint already restored model, optimizer and loss scaler
         pass
+
+
+# How long a rank waits for a checkpoint rank 0 verified to become visible on its own view of output_dir (an NFS
+# client's attribute cache lags the writer by up to acdirmax, 60 s by default; nfs(5)).
+VISIBLE_TIMEOUT_S = 180.0
+
+
+def shared_checkpoint(dinfo: DistInfo, find: Callable[[], Optional[tuple[dict, Path]]]) -> Optional[tuple[dict, str]]:
+    """(state, path) of the checkpoint ``find`` picks on rank 0, on every rank, or None. Only rank 0 reads and
+    SHA-256-verifies it (``find`` loads through train.checkpoint.safe_load); it broadcasts the path, size and
+    mtime, and the other ranks load that very file, once their view of it shows the same size and mtime, without
+    hashing it again. A CheckpointError on rank 0 stops every rank with the same sentence."""
+    msg: Optional[dict] = None
+    found = None
+    if dinfo.is_main:
+        try:
+            found = find()
+            if found is not None:
+                st = Path(found[1]).stat()
+                msg = {"path": str(found[1]), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        except CheckpointError as err:
+            msg = {"error": str(err)}
+    if dinfo.world > 1:
+        box = [msg]
+        dist.broadcast_object_list(box, src=0)
+        msg = box[0]
+    if msg is None:
+        return None
+    if "error" in msg:
+        raise CheckpointError(msg["error"])
+    if dinfo.is_main:
+        return found[0], msg["path"]
+    path = Path(msg["path"])
+    wait_visible(path, (msg["size"], msg["mtime_ns"]), dinfo.rank)
+    return safe_load(path, check=False), msg["path"]
+
+
+def wait_visible(path: Path, identity: Optional[tuple[int, int]], rank: int, timeout: float = VISIBLE_TIMEOUT_S) -> None:
+    """Wait until ``path`` exists here (with ``identity`` = (size, mtime_ns) when given): a node whose view of shared
+    storage lags rank 0's waits instead of failing or loading an older file."""
+    def seen() -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return identity is None or (st.st_size, st.st_mtime_ns) == tuple(identity)
+
+    if seen():
+        return
+    log.warning("checkpoint '%s' verified on rank 0 is not visible here yet; waiting up to %.0f s", path, timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if seen():
+            return
+    raise CheckpointError(f"rank {rank} cannot see the checkpoint '{path}' that rank 0 verified after {timeout:.0f} s; "
+                          f"output_dir must be on storage every node sees at the same path (NFS, Lustre, a "
+                          f"ReadWriteMany volume).")
 
 
 def _deepspeed_safe_globals() -> list:

@@ -83,13 +83,42 @@ def _attempt_store(world: int):
     return dist.PrefixStore(f"seresnet/{run_id}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
-def decide_on_main(dinfo: DistInfo, decide: Callable[[], Any]) -> Any:
-    """Run ``decide`` on rank 0 only and give every rank its answer. Rank-local file checks (``best.exists()`` on NFS,
-    which another node may not see yet) must never choose which collective a rank enters: that is a hang."""
+# The rank-0 listing of the data folder (train.listing): one scandir + stat per file, ~1.28 M on ImageNet, which on
+# a cold NFS client can outlast NCCL's default 10-minute collective timeout while the other ranks wait in the
+# broadcast. It is sent over a gloo group created with this timeout (a CPU object; NCCL is never involved).
+LISTING_TIMEOUT = timedelta(minutes=60)
+_long_groups: dict[timedelta, Any] = {}
+
+
+class _Raised:
+    """An exception rank 0 met in ``decide``, sent so that every rank raises it (none waits in a later collective)."""
+
+    def __init__(self, err: BaseException):
+        self.err = err
+
+
+def _group_with_timeout(timeout: timedelta):
+    """A gloo group over every rank with ``timeout`` (created once per timeout, by every rank at the same call)."""
+    if timeout not in _long_groups:
+        _long_groups[timeout] = dist.new_group(backend="gloo", timeout=timeout)
+    return _long_groups[timeout]
+
+
+def decide_on_main(dinfo: DistInfo, decide: Callable[[], Any], timeout: Optional[timedelta] = None) -> Any:
+    """Run ``decide`` on rank 0 only and give every rank its answer (or its exception). Rank-local file checks
+    (``best.exists()`` on NFS, which another node may not see yet) must never choose which collective a rank enters:
+    that is a hang. ``timeout``: how long the other ranks may wait for rank 0 (default: the process group's)."""
     if dinfo.world == 1:
         return decide()
-    box = [decide() if dinfo.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    box: list[Any] = [None]
+    if dinfo.is_main:
+        try:
+            box[0] = decide()
+        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+            box[0] = _Raised(err)
+    dist.broadcast_object_list(box, src=0, group=_group_with_timeout(timeout) if timeout else None)
+    if isinstance(box[0], _Raised):
+        raise box[0].err
     return box[0]
 
 

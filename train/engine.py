@@ -12,12 +12,13 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from train.backends import _deepspeed_safe_load, autocast_for, build_backend, float_state  # noqa: F401 (re-export)
+from train.backends import (_deepspeed_safe_load, autocast_for, build_backend, float_state,  # noqa: F401 (re-export)
+                            shared_checkpoint)
 from train.checkpoint import CheckpointManager, check_finite, safe_load
 from train.config import Config, save_config
 from train.data import (build_eval_loader, build_train_loader, class_weights, cpu_threads_per_rank, release_loaders,
                         scan_imagefolder, steps_per_epoch)
-from train.distributed import (barrier, decide_on_main, gather_rng, seed_everything, set_rng_state, setup_distributed,
+from train.distributed import (LISTING_TIMEOUT, barrier, decide_on_main, gather_rng, seed_everything, set_rng_state, setup_distributed,
                                setup_logging, shutdown)
 from train.evaluate import evaluate, write_report
 from train.hardware import cpu_has_fast_bf16, decide, local_facts  # noqa: F401 (re-export)
@@ -57,7 +58,7 @@ class Trainer:
         self.channels_last = self.plan.channels_last
         self.data_backend = self.plan.data_backend
         # Listed once on rank 0 and broadcast: no rank decodes the data set at start, and all agree on the file list.
-        self.data = decide_on_main(d, lambda: scan_imagefolder(cfg.data, cache_dir=self.out / "cache"))
+        self.data = decide_on_main(d, lambda: scan_imagefolder(cfg.data, cache_dir=self.out / "cache"), LISTING_TIMEOUT)
         self.classes = self.data.classes
         self.train_split = self.data.splits["train"]
         self.labels = {k: torch.as_tensor(v.labels) for k, v in self.data.splits.items()}
@@ -286,8 +287,9 @@ class Trainer:
     def _finish(self, resumed: bool, train_time: float, images: int) -> dict:
         cfg, d = self.cfg, self.dinfo
         final_lr = self.schedule(self.images_seen)
-        if decide_on_main(d, lambda: self.ckpt.best.exists()):
-            best = safe_load(self.ckpt.best)
+        found = shared_checkpoint(d, lambda: (safe_load(self.ckpt.best), self.ckpt.best) if self.ckpt.best.exists() else None)
+        if found:   # read and verified on rank 0 only; the other ranks load the same file
+            best = found[0]
             model = self.eval_model
             model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in best["model"].items()})
             log.info("evaluating the best checkpoint (step %d, val top-1 %.2f%%)", best["global_step"],

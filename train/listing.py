@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 OPTIONAL_SPLITS = ("test",)  # ImageNet ships train/ and val/ only
 MANIFEST_VERSION = 1
+LISTING_VERSION = 1   # the cached listing (dataset-<key>.json in the cache folder)
 
 
 class DataError(RuntimeError):
@@ -128,7 +129,7 @@ def _manifest_path(cache_dir: Optional[Path], split: str, fingerprint: str) -> O
     return Path(cache_dir) / f"listing-{split}-{fingerprint}.json" if cache_dir else None
 
 
-def _read_manifest(path: Optional[Path]) -> Optional[dict]:
+def _read_manifest(path: Optional[Path], version: int = MANIFEST_VERSION) -> Optional[dict]:
     if path is None or not path.is_file():
         return None
     try:
@@ -136,7 +137,7 @@ def _read_manifest(path: Optional[Path]) -> Optional[dict]:
     except (OSError, ValueError) as err:
         log.warning("ignoring unreadable listing manifest %s (%s)", path, err)
         return None
-    return manifest if manifest.get("version") == MANIFEST_VERSION else None
+    return manifest if isinstance(manifest, dict) and manifest.get("version") == version else None
 
 
 def _write_manifest(path: Optional[Path], manifest: dict) -> None:
@@ -202,9 +203,53 @@ def scan_split(root: Path, split: str, classes: list[str], on_corrupt: str, thre
     return Split(split, paths, labels, messages, listing.non_image, fingerprint)
 
 
+def _folder_stamp(root: Path, classes: list[str], splits: tuple[str, ...]) -> list:
+    """(folder, mtime_ns) of the root, each split and each class folder: a file added, removed or renamed in a
+    class folder changes that folder's mtime. One stat per folder (~3,000 on ImageNet), not per file."""
+    stamp = []
+    for d in [root] + [root / s for s in splits] + [root / s / c for s in splits for c in classes]:
+        try:
+            stamp.append([str(d.relative_to(root)), d.stat().st_mtime_ns])
+        except OSError:
+            stamp.append([str(d.relative_to(root)), None])
+    return stamp
+
+
+def _listing_cache_path(cache_dir: Optional[Path], root: Path, data: DataConfig, splits: tuple[str, ...]) -> Optional[Path]:
+    if not cache_dir:
+        return None
+    key = json.dumps([LISTING_VERSION, str(root.resolve()), list(splits), data.verify, data.on_corrupt, IMAGE_EXTENSIONS])
+    return Path(cache_dir) / f"dataset-{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.json"
+
+
+def _cached_dataset(path: Optional[Path], root: Path, classes: list[str], stamp: list) -> Optional[Dataset]:
+    manifest = _read_manifest(path, LISTING_VERSION)
+    if manifest is None or manifest.get("classes") != classes or manifest.get("stamp") != stamp:
+        return None
+    out = {}
+    for name, sp in manifest["splits"].items():
+        prefix = str(root / name) + os.sep
+        out[name] = Split(name, [prefix + rel for rel in sp["files"]], np.asarray(sp["labels"], dtype=np.int64),
+                          sp["skipped_corrupt"], sp["skipped_non_image"], sp["fingerprint"])
+    return Dataset(root, classes, out)
+
+
+def _cache_dataset(path: Optional[Path], ds: Dataset, stamp: list) -> None:
+    splits = {}
+    for name, sp in ds.splits.items():
+        cut = len(str(ds.root / name)) + 1
+        splits[name] = {"files": [p[cut:] for p in sp.paths], "labels": sp.labels.tolist(),
+                        "skipped_corrupt": sp.skipped_corrupt, "skipped_non_image": sp.skipped_non_image,
+                        "fingerprint": sp.fingerprint}
+    _write_manifest(path, {"version": LISTING_VERSION, "root": str(ds.root.resolve()), "classes": ds.classes,
+                           "stamp": stamp, "splits": splits})
+
+
 def list_dataset(data: DataConfig, splits: tuple[str, ...] = SPLITS, cache_dir: Optional[Path] = None) -> Dataset:
     """The data set as a plain picklable object: call it on rank 0 and broadcast (dist.broadcast_object_list).
-    A missing optional split (test/) is left out of ``Dataset.splits`` with a log line."""
+    A missing optional split (test/) is left out of ``Dataset.splits`` with a log line. With ``cache_dir`` the
+    listing is kept there, keyed by the folder, and reused while no split or class folder has changed (an elastic
+    restart does not list 1.28 M files again)."""
     root = Path(data.root)
     if not root.is_dir():
         raise DataError(f"Data folder '{root}' does not exist; set data.root to an ImageFolder with train/ and val/ (test/ optional).")
@@ -212,6 +257,13 @@ def list_dataset(data: DataConfig, splits: tuple[str, ...] = SPLITS, cache_dir: 
         raise DataError(f"Data folder '{root}' has no train/ folder; expected {root}/train/<class>/<image>.")
     t0 = time.perf_counter()
     classes = list_classes(root)
+    cache = _listing_cache_path(cache_dir, root, data, splits)
+    stamp = _folder_stamp(root, classes, splits) if cache else []
+    cached = _cached_dataset(cache, root, classes, stamp)
+    if cached is not None:
+        log.info("listed %s in %.2f s from %s (no split or class folder changed)",
+                 ", ".join(f"{len(v)} {k}" for k, v in cached.splits.items()), time.perf_counter() - t0, cache)
+        return cached
     out: dict[str, Split] = {}
     for s in splits:
         if s in OPTIONAL_SPLITS and not (root / s).is_dir():
@@ -221,4 +273,6 @@ def list_dataset(data: DataConfig, splits: tuple[str, ...] = SPLITS, cache_dir: 
     log.info("listed %s in %.2f s (%s)", ", ".join(f"{len(v)} {k}" for k, v in out.items()), time.perf_counter() - t0,
              "every image decoded once (data.verify=true)" if data.verify else
              "no decode check: set data.verify=true to decode every image at start")
-    return Dataset(root, classes, out)
+    ds = Dataset(root, classes, out)
+    _cache_dataset(cache, ds, stamp)
+    return ds
