@@ -1,14 +1,15 @@
 """Checkpoint safety: atomic writes, checksums, fallback past corrupt files, refusal of malicious pickles, NaN stop."""
+import hashlib
 import logging
-import pickle
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import PY, ROOT, SMOKE_CONFIG, subprocess_env
-from train.checkpoint import CheckpointError, CheckpointManager, atomic_save, safe_load, verify
+from train.checkpoint import FORMAT, CheckpointError, CheckpointManager, atomic_save, safe_load, verify
 
 
 def _state(v: float) -> dict:
@@ -44,19 +45,74 @@ def test_keep_last_k(tmp_path):
 
 
 class _Evil:
+    """A pickle that runs code when unpickled without the safe loader: it writes ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("pwned",))
+        return (Path.write_text, (self.marker, "pickle code ran"))
 
 
-def test_malicious_pickle_is_refused(tmp_path):
+def plant_payload(path: Path, marker: Path, checksum: bool = True) -> None:
+    """A torch.save'd (zip format) checkpoint whose unpickling runs code, with a matching sidecar: only the loader's
+    weights_only can stop it (the checksum cannot: whoever replaced the file replaced its checksum too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "model": {"w": torch.zeros(2)}, "optimizer": _Evil(marker), "global_step": 9}, path)
+    if checksum:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+
+
+def test_a_torch_saved_payload_with_a_matching_checksum_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned.txt"
     p = tmp_path / "evil.pt"
-    with open(p, "wb") as f:
-        pickle.dump({"model": _Evil()}, f)
+    plant_payload(p, marker)
+    verify(p)   # the checksum matches: the refusal below is the safe loader's
     with pytest.raises(CheckpointError, match="refused by the safe loader"):
-        safe_load(p, check=False)
+        safe_load(p)
     from train.checkpoint import load_for_inference
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="refused by the safe loader"):
         load_for_inference(p)
+    assert not marker.exists(), "the payload's code ran"
+
+
+def _train(data, out, *sets, timeout=300):
+    cmd = [PY, "-m", "train", "--config", str(SMOKE_CONFIG), "--set", f"data.root={data}", "--set", f"output_dir={out}",
+           "--set", "metrics.enabled=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].endswith("."), stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_python_m_train_refuses_a_planted_last_pt_and_pretrained_file_without_running_them(tiny_imagefolder, tmp_path):
+    """As a user meets it: `python -m train` on an output folder whose last.pt (with a matching .sha256) is a
+    torch.save'd payload, and with model.pretrained pointing at one: exit 2, one sentence, the code never runs."""
+    marker = tmp_path / "pwned.txt"
+    out = tmp_path / "run"
+    plant_payload(out / "checkpoints" / "last.pt", marker)
+    r = _train(tiny_imagefolder, out, "train.max_steps=1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = _one_error(r.stderr)
+    assert "last.pt' was refused by the safe loader" in err and "train.resume=false" in err, err
+    assert not marker.exists(), "the payload's code ran"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "last.pt.sha256"], "nothing written"
+
+    pre = tmp_path / "resnet50.pth"
+    plant_payload(pre, marker, checksum=False)
+    r = _train(tiny_imagefolder, tmp_path / "fresh", "train.max_steps=1", f"model.pretrained={pre}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = _one_error(r.stderr)
+    assert f"Pretrained weights file '{pre}' could not be read safely" in err, err
+    assert not marker.exists(), "the payload's code ran"
 
 
 def test_missing_checkpoint_is_clear(tmp_path):

@@ -1,6 +1,7 @@
 """Real trainer runs on a tiny ImageFolder: a time budget fixes the step count and the schedule ends at eta_min;
 a rerun with a changed lr/epochs resumes and honours them; a changed image size or class list refuses in one sentence;
 EMA weights are what best.pt holds for export."""
+import hashlib
 import json
 import shutil
 import subprocess
@@ -9,6 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import PY, ROOT, SMOKE_CONFIG, make_imagefolder, subprocess_env
+from train.checkpoint import verify
+from train.config import load_config
+from train.optim import LrSchedule
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +73,74 @@ def trained_run(tiny_imagefolder, tmp_path_factory):
 def test_resume_refuses_an_incompatible_config(tiny_imagefolder, trained_run, tmp_path, change, says):
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
-    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    before = contents(out / "checkpoints")
     r = train(out, tiny_imagefolder, "train.max_steps=4", change)
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr.strip().splitlines()[-1]
     assert err.startswith("error: ") and says in err and "train.resume=false" in err and "Traceback" not in r.stderr
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, "nothing lost or overwritten"
+    assert contents(out / "checkpoints") == before, "nothing lost or overwritten (names and bytes)"
+
+
+def contents(folder) -> dict:
+    """name -> SHA-256 of every file under ``folder``: equal before and after means nothing was touched."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_every_checkpoint_corrupt_refuses_in_one_sentence_and_resume_false_starts_over(trained_run, tiny_imagefolder,
+                                                                                      tmp_path):
+    """No checkpoint verifies: the rerun refuses (it used to start again from step 0 in the same folder, overwriting
+    the history); --set train.resume=false starts over and keeps the old folder aside."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    ck = out / "checkpoints"
+    for p in ck.glob("*.pt"):   # step-*.pt, last.pt and best.pt: every one (hard links share the damage)
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+    before = contents(ck)
+    r = train(out, tiny_imagefolder, "train.max_steps=4")
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "can be resumed (newest: checkpoint" in errors[0] and "corrupt or truncated" in errors[0], errors[0]
+    assert "nothing was overwritten" in errors[0] and "--set train.resume=false" in errors[0], errors[0]
+    assert contents(ck) == before, "the refused run touched the checkpoints"
+    assert not (out / "report.json").exists() or json.loads((out / "report.json").read_text())["steps"] == 2
+
+    r = train(out, tiny_imagefolder, "train.max_steps=3", "train.resume=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert contents(out / "checkpoints.replaced") == before, "the old history is kept aside, byte for byte"
+    assert "moved the existing checkpoints to" in r.stderr and "resuming from" not in r.stderr
+    steps = sorted(int(p.name[5:13]) for p in ck.glob("step-*.pt"))
+    assert steps and max(steps) == 3, steps
+    for p in ck.glob("*.pt"):
+        verify(p)
+
+
+def test_resume_with_a_changed_schedule_follows_the_new_schedule_from_the_resumed_position(tiny_imagefolder, tmp_path):
+    """cosine for 1 epoch, then the same folder with warm restarts (T_0=0.5) and a higher eta_min for 2 epochs: every
+    step after the resume uses the new schedule's lr at its position (images seen), none the old one's."""
+    out = tmp_path / "run"
+    first = train(out, tiny_imagefolder, "train.epochs=1", "schedule.name=cosine", "schedule.eta_min=1e-6",
+                  "train.checkpoint_every_steps=0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    new = ("train.epochs=2", "schedule.name=cosine_warm_restarts", "schedule.T_0=0.5", "schedule.eta_min=0.0001",
+           "train.checkpoint_every_steps=0")
+    r = train(out, tiny_imagefolder, *new)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "resuming with a changed schedule" in r.stderr, r.stderr[-3000:]
+    cfg = load_config(str(SMOKE_CONFIG), [f"data.root={tiny_imagefolder}", *new])
+    sched = LrSchedule.from_config(cfg, cfg.optim.lr, 48, 96)   # 1 rank x batch 4: 12 steps an epoch, 24 in all
+    logged = {x["step"]: x["lr"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "lr" in x}
+    after = {s: lr for s, lr in logged.items() if s > 12}
+    assert sorted(after) == list(range(13, 25)), sorted(logged)
+    for s, lr in after.items():
+        assert lr == pytest.approx(sched((s - 1) * 4), rel=1e-9), (s, lr, sched((s - 1) * 4))
+    old = LrSchedule.from_config(load_config(str(SMOKE_CONFIG), [f"data.root={tiny_imagefolder}", "train.epochs=2",
+                                                                 "schedule.name=cosine", "schedule.eta_min=1e-6"]),
+                                 cfg.optim.lr, 48, 96)
+    assert any(abs(lr - old((s - 1) * 4)) > 1e-6 for s, lr in after.items()), "the schedules must differ to prove it"
 
 
 def test_resume_refuses_a_different_class_list(trained_run, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +31,32 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make renames and new names in ``directory`` durable: fsync of a file does not cover its directory entry
+    (fsync(2): "a call to fsync() on a file descriptor for the directory is also needed")."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _digests(side: Path) -> list[str]:
+    """The digests a sidecar lists (``sha256sum`` format, one ``<hex>  <name>`` line each); [] when missing."""
+    try:
+        return [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
+    except (FileNotFoundError, UnicodeDecodeError, IndexError):
+        return []
+
+
+def _write_sidecar(path: Path, digests: list[str]) -> None:
+    _atomic_write_bytes(sidecar(path), "".join(f"{d}  {path.name}\n" for d in dict.fromkeys(digests)).encode())
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -38,13 +65,36 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _install(tmp: Path, path: Path, digest: str) -> None:
+    """Rename the complete, fsync'd ``tmp`` (SHA-256 ``digest``) onto ``path`` so that a crash at any point leaves
+    ``path`` verifying against its sidecar: (1) the sidecar lists the digests of the file in place and the new one,
+    (2) rename, (3) the sidecar lists the new one only. Each step is an atomic rename followed by a directory fsync.
+    (Sidecar-then-rename alone leaves the old file beside the new checksum after a crash between the two.)"""
+    old = _digests(sidecar(path)) if path.exists() else []
+    _write_sidecar(path, old + [digest])
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old:
+        _write_sidecar(path, [digest])
+
+
+def _disk_error(what: Path, err: BaseException) -> "CheckpointError":
+    free = shutil.disk_usage(what.parent).free / 2**20
+    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    return CheckpointError(f"Could not write '{what}' ({reason}; {free:.0f} MiB free in '{what.parent}'); the previous "
+                           f"checkpoint is kept and verifies. Free disk space (or lower train.keep_last) and rerun: the "
+                           f"run resumes from the previous checkpoint.")
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, fsync, write the checksum sidecar, then rename into place."""
+    """torch.save to a temp file in the same folder, fsync, then install it with its checksum sidecar (``_install``).
+    A write that fails (disk full, file too large) raises CheckpointError and leaves no temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -53,11 +103,10 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256(Path(tmp))
-        # Sidecar first: a crash between the two renames leaves a checksum that does not match the old file,
-        # which is detected and falls back; never a corrupt file that verifies.
-        _atomic_write_bytes(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n".encode())
-        os.replace(tmp, path)
+        _install(Path(tmp), path, _sha256(Path(tmp)))
+    except (OSError, RuntimeError) as err:   # torch's zip writer reports ENOSPC/EFBIG as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise _disk_error(path, err) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -80,16 +129,27 @@ def check_finite(model_state: dict, step: Optional[int] = None) -> None:
                               f"the previous checkpoint is kept (lower optim.lr to avoid the divergence).")
 
 
-def verify(path: str | Path) -> None:
+def verify(path: str | Path) -> str:
+    """Raise CheckpointError unless ``path``'s SHA-256 is one its sidecar lists; returns the digest."""
     path = Path(path)
-    side = path.with_name(path.name + ".sha256")
+    side = sidecar(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if not side.is_file():
-        raise CheckpointError(f"checkpoint '{path}' has no checksum file '{side.name}'")
-    expected = side.read_text().split()[0]
-    if _sha256(path) != expected:
+        raise CheckpointError(f"checkpoint '{path}' has no checksum file '{side.name}' (copy it along with the "
+                              f"checkpoint; for a file you trust: sha256sum {path.name} > {side.name})")
+    digest = _sha256(path)
+    if digest not in _digests(side):
         raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated (SHA-256 does not match '{side.name}')")
+    return digest
+
+
+def loader_refusal(err: BaseException) -> str:
+    """torch.load's refusal in a few words: its weights_only message spans many lines with advice to turn the
+    protection off; the line that names what was refused (``Unsupported global: ...``) is what the user needs."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"(Unsupported global: GLOBAL [^ ]+|Unsupported operand [^ ]+|Weights only load failed)", text)
+    return f"{type(err).__name__}: {found.group(1) if found else text.strip().splitlines()[0][:200]}"
 
 
 def safe_load(path: str | Path, check: bool = True) -> dict:
@@ -102,7 +162,7 @@ def safe_load(path: str | Path, check: bool = True) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint '{path}' was refused by the safe loader ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"checkpoint '{path}' was refused by the safe loader ({loader_refusal(err)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' does not hold a dict")
     return obj
@@ -132,11 +192,14 @@ class CheckpointManager:
             check_finite(state.get(key) or {}, step)
         state = {"format": FORMAT, **state}
         path = atomic_save(state, self.dir / f"step-{step:08d}.pt")
-        for name in ("last.pt",) + (("best.pt",) if is_best else ()):
-            self._copy_atomic(path, self.dir / name)
+        try:
+            for name in ("last.pt",) + (("best.pt",) if is_best else ()):
+                self._copy_atomic(path, self.dir / name)
+        except OSError as err:
+            raise _disk_error(self.dir / name, err) from None
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+            sidecar(old).unlink(missing_ok=True)
         return path
 
     def mark_best(self, src: Path) -> None:
@@ -144,33 +207,74 @@ class CheckpointManager:
 
     @staticmethod
     def _copy_atomic(src: Path, dst: Path) -> None:
-        """Point ``dst`` at ``src``'s bytes: a hard link (no copy of hundreds of MB), replaced atomically."""
-        digest = src.with_name(src.name + ".sha256").read_text().split()[0]
+        """Point ``dst`` at ``src``'s bytes: a hard link (no copy of hundreds of MB), installed by ``_install``."""
+        digest = _digests(sidecar(src))[-1]
         tmp = dst.with_name(f".{dst.name}.link.tmp")
         tmp.unlink(missing_ok=True)
         try:
             os.link(src, tmp)
         except OSError:  # filesystems without hard links
             shutil.copyfile(src, tmp)
-        _atomic_write_bytes(dst.with_name(dst.name + ".sha256"), f"{digest}  {dst.name}\n".encode())
-        os.replace(tmp, dst)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        try:
+            _install(tmp, dst, digest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
-    def load_latest(self) -> Optional[tuple[dict, Path]]:
-        """Newest checkpoint that verifies: last.pt, else step files newest first; corrupt ones are logged and skipped."""
-        # Temp files of writes a kill interrupted (never renamed into place): nobody reads them; free the disk.
+    def _tidy(self) -> None:
+        """After a crash: remove temp files of unfinished writes and sidecars whose checkpoint never got its name."""
         stale = list(self.dir.glob(".*.tmp"))
         for tmp in stale:
             tmp.unlink(missing_ok=True)
         if stale:
             log.info("removed %d unfinished checkpoint write(s) left by an interrupted run", len(stale))
-        candidates = [self.last] + list(reversed(self.step_files()))
+        for side in self.dir.glob("*.pt.sha256"):
+            if not side.with_name(side.name[: -len(".sha256")]).exists():
+                side.unlink(missing_ok=True)
+
+    def set_aside(self) -> Optional[Path]:
+        """Start over (train.resume=false) without mixing histories: an existing checkpoint folder is renamed to
+        ``<folder>.replaced`` (one such copy is kept: an older one there is deleted), so no step file of the old run
+        outlives into the new one and a mistaken start-over can still be undone."""
+        if not self.dir.is_dir() or not any(self.dir.iterdir()):
+            return None
+        dst = self.dir.with_name(f"{self.dir.name}.replaced")
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(self.dir, dst)
+        _fsync_dir(self.dir.parent)
+        log.warning("train.resume=false: moved the existing checkpoints to '%s' (the run starts over; delete that "
+                    "folder when no longer needed)", dst)
+        return dst
+
+    def load_latest(self) -> Optional[tuple[dict, Path]]:
+        """Newest checkpoint that verifies: step files newest first, then last.pt (a copy where hard links are not
+        available); corrupt ones are logged and skipped."""
+        if not self.dir.is_dir():
+            return None
+        self._tidy()
+        for name in ("last.pt", "best.pt"):   # a sidecar left listing two digests by a crash mid-update: settle it
+            path = self.dir / name
+            if len(_digests(sidecar(path))) > 1 and path.exists():
+                try:
+                    _write_sidecar(path, [verify(path)])
+                except CheckpointError:
+                    pass
+        candidates = list(reversed(self.step_files())) + [self.last]
+        errors = []
         for path in candidates:
             if not path.exists():
                 continue
             try:
                 return safe_load(path), path
             except CheckpointError as err:
+                errors.append(str(err))
                 log.warning("%s; falling back to the previous checkpoint", err)
+        if errors:
+            raise CheckpointError(f"None of the {len(errors)} checkpoint(s) in '{self.dir}' can be resumed (newest: "
+                                  f"{errors[0]}); nothing was overwritten. Restore them from a backup, or start over "
+                                  f"with --set train.resume=false (they are moved aside, not deleted).")
         return None
 
 
@@ -182,8 +286,7 @@ def load_for_inference(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist; train first (python -m train --config ...) or pass the right path")
-    side = path.with_name(path.name + ".sha256")
-    state = safe_load(path, check=side.exists())
+    state = safe_load(path)   # no sidecar, or one that does not match: refused (an export must not ship a torn file)
     if state.get("format") != FORMAT or "model" not in state:
         raise CheckpointError(f"'{path}' is not a seresnet-stack checkpoint (no '{FORMAT}' format tag)")
     cfg = config_from_dict(state["config"])

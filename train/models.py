@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from train.checkpoint import loader_refusal
 from train.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ def load_pretrained_weights(model: nn.Module, path: str | Path) -> dict[str, lis
     except PretrainedError as err:
         raise PretrainedError(f"Pretrained weights file '{p}' {err}; expected a torchvision ResNet-50 state dict or a seresnet-stack checkpoint.") from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise PretrainedError(f"Pretrained weights file '{p}' could not be read safely ({type(err).__name__}: {err}).") from None
+        raise PretrainedError(f"Pretrained weights file '{p}' could not be read safely ({loader_refusal(err)}); "
+                              f"expected a torchvision ResNet-50 state dict of tensors.") from None
     target = model.state_dict()
     loaded, shape_mismatch = {}, []
     for key, tensor in source.items():
