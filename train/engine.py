@@ -158,6 +158,7 @@ class Trainer:
 
     def try_resume(self) -> bool:
         if not self.cfg.train.resume:
+            decide_on_main(self.dinfo, self.ckpt.set_aside)   # starting over never mixes with an older history
             return False
         found = self.backend.resume(self.ckpt, self.out)
         if found is None:
