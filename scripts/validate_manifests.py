@@ -1,12 +1,13 @@
 """Offline checks of the Kubernetes manifests: build every kustomization, validate every object.
 
-Core kinds are validated with kubernetes-validate (strict: unknown fields fail); PyTorchJob,
+Core kinds are validated with kubernetes-validate (strict: unknown fields fail); TrainJob, PyTorchJob,
 ServiceMonitor, PodMonitor and PrometheusRule against the upstream CRD schemas vendored in ``k8s/schemas/``
 (source, version and licence in its README), with additionalProperties tightened to false, since a typo in a
 CRD field is otherwise silently dropped by the API server. ``python -m scripts.validate_manifests`` runs it all and prints one line per object.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import shutil
@@ -24,7 +25,8 @@ K8S_DIR = REPO_ROOT / "k8s"
 SCHEMA_DIR = K8S_DIR / "schemas"
 KUBERNETES_VERSION = "1.30.0"
 CRD_FILES = {
-    ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
+    ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",          # legacy training-operator v1
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",   # Kubeflow Trainer v2.3
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
@@ -126,7 +128,10 @@ def validate_all(dirs: Optional[Iterable[Path]] = None) -> dict[str, list[dict]]
     return rendered
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m scripts.validate_manifests",
+                            description="Build every kustomization under k8s/ and validate every object (strict core "
+                                        "schemas and the vendored CRD schemas); prints one line per kustomization.").parse_args(argv)
     try:
         rendered = validate_all()
     except ManifestError as err:

@@ -186,6 +186,13 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def register(sub) -> None:
+    """``seresnet evaluate``."""
+    p = sub.add_parser("evaluate", help="score a labelled folder from a checkpoint or an ONNX file, no server needed",
+                       description=__doc__.split("\n\n")[0])
+    build_parser(p).set_defaults(run=lambda args, _rest: run(args))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return run(build_parser().parse_args(argv))
