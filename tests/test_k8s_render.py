@@ -135,3 +135,79 @@ def test_rdma_on_an_indexed_job_and_clear_errors(tmp_path, kubectl):
     with pytest.raises(LaunchError, match="needs the cu126 build"):
         render_training_job(load_config(REPO_ROOT / "configs" / "imagenet.yaml", ["cluster.image=r.io/t:1-cu130"]),
                             tmp_path / "x", gpu_arch="7.0")
+
+
+RUNTIME = REPO_ROOT / "k8s" / "schemas" / "trainer.kubeflow.org_clustertrainingruntime_torch-distributed.yaml"
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_trainjob_on_the_torch_distributed_runtime(tmp_path, kubectl, engine):
+    """Kubeflow Trainer v2: a TrainJob valid against the vendored v2.3 CRD, nodes / processes / resources in
+    spec.trainer, torchrun taking nodes, rank and master from the PET_* variables the runtime injects, and pod
+    patches that name the upstream runtime's own replicated job and container."""
+    sets = [f"engine={engine}", "cluster.nnodes=3", "cluster.gpus_per_node=4", "cluster.cpu='48'", "cluster.memory=300Gi",
+            "cluster.data_pvc=my-data", "cluster.checkpoint_pvc=my-ckpt", "cluster.shm_size=32Gi", "cluster.namespace=research"]
+    objs = _render(tmp_path, kubectl, sets, kind="trainjob")
+    job = next(o for o in objs if o["kind"] == "TrainJob")
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["metadata"]["name"] == f"seresnet50-trainjob-{engine}"
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
+    t = job["spec"]["trainer"]
+    assert (t["numNodes"], t["numProcPerNode"]) == (3, 4)
+    assert t["resourcesPerNode"] == {"requests": {"cpu": "48", "memory": "300Gi", "nvidia.com/gpu": "4"},
+                                     "limits": {"memory": "300Gi", "nvidia.com/gpu": "4"}}
+    assert t["image"] == "ghcr.io/seresnet-stack/train:0.1.0-cu130"
+    # No node count, rank or address on the command line: torchrun reads PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+    # PET_MASTER_ADDR and PET_MASTER_PORT, which the runtime sets and forbids in trainer.env.
+    assert t["command"] == ["python", "-m", "torch.distributed.run"] and t["args"] == ["-m", "train", "--config", "/etc/seresnet/config.yaml"]
+    assert not [e for e in t["env"] if e["name"].startswith("PET_")]
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    assert runtime["kind"] == "ClusterTrainingRuntime" and runtime["metadata"]["name"] == "torch-distributed"
+    rjobs = {j["name"]: j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
+    patched = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert patched["name"] in rjobs
+    runtime_containers = {c["name"] for c in rjobs[patched["name"]]["template"]["spec"]["template"]["spec"]["containers"]}
+    pod = patched["template"]["spec"]["template"]
+    assert {c["name"] for c in pod["spec"]["containers"]} <= runtime_containers
+    assert pod["metadata"]["labels"]["seresnet.io/engine"] == engine
+    vols = {vol["name"]: vol for vol in pod["spec"]["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "my-data"
+    assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "my-ckpt"
+    assert vols["dshm"]["emptyDir"]["sizeLimit"] == "32Gi"
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"]   # the hashed name, rewritten in the CRD
+    assert yaml.safe_load(cm["data"]["config.yaml"])["engine"] == engine
+    assert assert_pods_secure(objs) == 1
+    pm = next(o for o in objs if o["kind"] == "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"]["jobset.sigs.k8s.io/jobset-name"] == job["metadata"]["name"]
+    assert [e["portNumber"] for e in pm["spec"]["podMetricsEndpoints"]] == [9400, 9401, 9402, 9403]
+
+
+def test_trainjob_refuses_what_it_cannot_render(tmp_path):
+    cfg = load_config(REPO_ROOT / "configs" / "imagenet.yaml", ["cluster.nnodes=2", "cluster.max_nnodes=4"])
+    with pytest.raises(LaunchError, match="fixed number of nodes"):
+        render_training_job(cfg, tmp_path / "x", kind="trainjob")
+    cfg = load_config(REPO_ROOT / "configs" / "imagenet.yaml", [])
+    with pytest.raises(LaunchError, match="for a TrainJob or an Indexed Job use Kueue"):
+        render_training_job(cfg, tmp_path / "x", kind="trainjob", gang=Gang())
+    with pytest.raises(LaunchError, match="ClusterTrainingRuntime that requests the HCAs"):
+        render_training_job(cfg, tmp_path / "x", kind="trainjob", rdma=Rdma())
+
+
+@pytest.mark.parametrize("kind,extra", [("trainjob", []), ("pytorchjob", ["--rdma", "--gang"])])
+def test_rendered_overlay_is_self_contained(tmp_path, kubectl, kind, extra):
+    """The rendered folder builds the same objects after it is moved away from where it was written (a GitOps
+    repository): every path it names is inside it."""
+    out = tmp_path / "render" / "job"
+    r = subprocess.run([PY, "-m", "launch", "k8s", "--config", "imagenet", "--kind", kind, *extra, "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    before = v.kustomize_build(out, kubectl)
+    for f in out.rglob("kustomization.yaml"):
+        doc = yaml.safe_load(f.read_text())
+        for ref in doc.get("resources", []) + doc.get("components", []):
+            assert (f.parent / ref).resolve().is_relative_to(out.resolve()), f"{f}: {ref} leaves the rendered folder"
+    moved = tmp_path / "gitops" / "clusters" / "a" / "job"
+    moved.parent.mkdir(parents=True)
+    out.rename(moved)
+    assert v.kustomize_build(moved, kubectl) == before
+    assert str(tmp_path) not in "".join(p.read_text() for p in moved.rglob("*.yaml"))

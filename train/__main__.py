@@ -1,4 +1,4 @@
-"""``python -m train --config FILE [--set key=value ...]``: the same command single-process or under torchrun."""
+"""``seresnet train`` / ``python -m train --config FILE [--set key=value ...]``: the same command single-process or under torchrun."""
 from __future__ import annotations
 
 import argparse
@@ -7,31 +7,42 @@ import sys
 
 from train.runlock import RunLock, RunLockError, arm_parent_death_signal
 from train.config import ConfigError, load_config
+from train.storage import StorageError, check_writable, sentence_for
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Train SE-ResNet50 on an ImageFolder (train/ val/ test/). Run it as is for one process, or under "
-                    "torchrun / `python -m launch local --nproc N` for DDP or DeepSpeed. Rerunning with the same "
-                    "output_dir resumes from its last checkpoint (--set train.resume=false starts over). Writes "
-                    "<output_dir>/report.json (test_top1, per-class recall, confusion matrix), checkpoints/, "
-                    "metrics.jsonl and config.yaml.")
-    p.add_argument("--config", help="YAML config (e.g. configs/demo.yaml); defaults apply without one")
+DESCRIPTION = ("Train SE-ResNet50 on an ImageFolder (train/ val/ test/). Run it as is for one process, or under "
+               "torchrun / `seresnet launch local --nproc N` for DDP or DeepSpeed. Rerunning with the same "
+               "output_dir resumes from its last checkpoint (--set train.resume=false starts over). Writes "
+               "<output_dir>/report.json (test_top1, per-class recall, confusion matrix), checkpoints/, "
+               "metrics.jsonl and config.yaml.")
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION)
+    p.add_argument("--config", help="YAML config, or a packaged config's name (demo, imagenet, smoke); defaults apply without one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.root=/data/imagenet --set train.epochs=5 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p
 
 
+def register(sub) -> None:
+    """``seresnet train``."""
+    p = sub.add_parser("train", help="train SE-ResNet50 (one process, or each process under torchrun)", description=DESCRIPTION)
+    build_parser(p).set_defaults(run=lambda args, _rest: run(args))
+
+
 def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         # First thing under torchrun: die with the launcher (even a kill -9 of it), never train as an orphan.
         arm_parent_death_signal()
     except RunLockError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -41,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+
+    try:   # every rank writes here (DeepSpeed saves one shard per rank): refuse now, not at the first checkpoint
+        pass  # REVERT-CHECK
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     from train.checkpoint import CheckpointError
     from train.data import DataError
@@ -65,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
     except (DataError, EngineError, CheckpointError, PretrainedError, ConfigError, MetricsPortError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:   # a write refused later in the run (folder made read-only, permissions changed)
+        if sentence_for(err) is None:
+            raise
+        print(f"error: {sentence_for(err)}", file=sys.stderr)
         return 2
     finally:
         lock.release()

@@ -45,15 +45,18 @@ miss = [t for t in os.environ['TARGET_ARCHS'].split() if not any(cap(h)[0] == in
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'archs', torch.cuda.get_arch_list()); \
 assert not miss, f'torch {torch.__version__} has no kernels for compute capability {miss}: use the image built for that GPU generation'"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY train ./train
 COPY serve ./serve
 COPY launch ./launch
-COPY configs ./configs
-# Non-editable install: the pods import the packages from site-packages; configs/ stays for reference.
-RUN pip install "$DALI_PACKAGE==$DALI" "deepspeed==$DEEPSPEED" '.[export]' \
+COPY seresnet ./seresnet
+# launch/k8s_training links to k8s/training: the manifests `seresnet launch k8s` renders from ship in the package.
+COPY k8s/training ./k8s/training
+# Non-editable install with the tested versions (constraints.txt; the torch above satisfies its torch pin): the pods
+# import the packages, the packaged configs and compat.yaml from site-packages, and `seresnet` is on PATH.
+RUN pip install -c constraints.txt "$DALI_PACKAGE==$DALI" "deepspeed==$DEEPSPEED" '.[export]' \
     && python -c "import train, launch, torch, nvidia.dali, deepspeed; assert torch.__version__.startswith('$TORCH+'), torch.__version__; print(torch.__version__)"
 
 USER 1000:1000
 # The Kubernetes manifests set the command (torchrun or `python -m launch multinode`).
-CMD ["python", "-m", "launch", "--help"]
+CMD ["seresnet", "--help"]

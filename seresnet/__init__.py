@@ -1,0 +1,1 @@
+"""seresnet-stack's one command, ``seresnet`` (``seresnet/cli.py``): train, evaluate, preflight, serve and launch."""
