@@ -113,9 +113,12 @@ def _evaluate(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve", description="Serve SE-ResNet50: export to "
-                                "ONNX/TensorRT, write a Triton model repository, run a local tritonserver, classify images.")
+DESCRIPTION = ("Serve SE-ResNet50: export to ONNX/TensorRT, write a Triton model repository, run a local tritonserver, "
+               "classify images.")
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m serve", description=DESCRIPTION)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     e = sub.add_parser("export", help="ONNX (opset 17, dynamic batch) + onnx.checker + parity against PyTorch on real images.")
@@ -209,8 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def register(sub) -> None:
+    """``seresnet serve <verb>``."""
+    build_parser(sub.add_parser("serve", help="export, quantize, trt, repository, up, classify, evaluate (Triton)",
+                                description=DESCRIPTION)).set_defaults(run=lambda args, _rest: run(args))
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except ServeError as err:

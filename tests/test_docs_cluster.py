@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from launch.__main__ import _parser as launch_parser
+from launch.__main__ import build_parser as launch_parser
 from launch.__main__ import _split_train_args
 from scripts import validate_manifests as v
 from launch.torchrun import REPO_ROOT, build_local_argv, build_multinode_argv
@@ -21,6 +21,18 @@ DOC = REPO_ROOT / "docs" / "cluster.md"
 # Shell the docs use around commands (Slurm variables, command substitution): stand-ins a parser can read.
 SHELL_STANDINS = [(re.compile(r'"\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST" \| head -n1\)(:\d+)"'), r"node0\1"),
                   (re.compile(r'"\$SLURM_JOB_ID"'), "12345"), (re.compile(r'"\$\(openssl rand -hex 24\)"'), "x")]
+
+
+# `seresnet <group> ...` is the installed command for `python -m <module> ...`: one parser (seresnet/cli.py).
+CLI_ALIASES = (("seresnet launch ", "python -m launch "), ("seresnet preflight ", "python -m launch preflight "),
+               ("seresnet train ", "python -m train "), ("seresnet serve ", "python -m serve "))
+
+
+def _module_form(cmd: str) -> str:
+    for alias, module in CLI_ALIASES:
+        if cmd.startswith(alias):
+            return module + cmd[len(alias):]
+    return cmd
 
 
 def doc_commands() -> list[str]:
@@ -39,7 +51,7 @@ def doc_commands() -> list[str]:
                 line = tokens[tokens.index("-c") + 1]
             for part in re.split(r"\s(?:&&|\|\||\||&)(?:\s|$)", line + " "):
                 if part.strip():
-                    out.append(part.strip())
+                    out.append(_module_form(part.strip()))
     return out
 
 
@@ -53,7 +65,7 @@ def target_facts(arch: str) -> Facts:
 
 
 def check_config(config: str, overrides: list[str], engine: str | None, where: str):
-    cfg = load_config(REPO_ROOT / config, overrides)
+    cfg = load_config(REPO_ROOT / config if (REPO_ROOT / config).is_file() else config, overrides)   # a file or a packaged name
     for arch in ([cfg.cluster.gpu_arch] if cfg.cluster.gpu_arch else ["7.0", "8.0", "9.0"]):
         plan = decide(cfg, target_facts(arch), engine)
         assert plan.problems == [], f"docs/cluster.md `{where}` on compute capability {arch}: {plan.problems}"
@@ -87,6 +99,9 @@ def test_every_launch_command_parses_and_its_config_validates_for_its_engine(cmd
                                  engine=args.engine, max_restarts=args.max_restarts)
         targs = train_parser().parse_args(train_args)
         check_config(targs.config, targs.overrides, args.engine, cmd)
+        return
+    if args.command == "preflight":
+        check_config(args.config, args.overrides, args.engine, cmd)
         return
     assert args.command == "k8s"
     from launch.k8s import options_from_args, render_training_job
