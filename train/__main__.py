@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     try:   # every rank writes here (DeepSpeed saves one shard per rank): refuse now, not at the first checkpoint
-        pass  # REVERT-CHECK
+        check_writable(cfg.output_dir, os.path.join(cfg.output_dir, "checkpoints"))
     except StorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -104,6 +104,17 @@ failed() {  # model reason: log it, record it, then stop (fail) or keep the ONNX
 cp -R "$SRC"/. "$DST"/
 log "copied repository $SRC -> $DST"
 
+# Python decode models (preprocess; guard with DALI) get one instance per CPU core the triton container requests:
+# the Deployment passes that request (downward API, rounded up) as PREPROCESS_INSTANCES, so one setting sizes both.
+if [ -n "${PREPROCESS_INSTANCES:-}" ]; then
+  case "$PREPROCESS_INSTANCES" in ''|*[!0-9]*|0) log "PREPROCESS_INSTANCES='$PREPROCESS_INSTANCES' is not a positive integer; set it from the triton container's requests.cpu."; exit 2;; esac
+  for f in "$DST/preprocess/config.pbtxt" "$DST/guard/config.pbtxt"; do
+    grep -q '^backend: *"python"' "$f" 2>/dev/null || continue
+    sed -i "/^instance_group {/,/^}/ s/^  count: *[0-9]*/  count: $PREPROCESS_INSTANCES/" "$f"
+    log "$(basename "$(dirname "$f")"): $PREPROCESS_INSTANCES python instances (the pod's CPU request)"
+  done
+fi
+
 reason=""
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   reason="no GPU visible (nvidia-smi)"
