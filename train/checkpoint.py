@@ -168,6 +168,56 @@ def safe_load(path: str | Path, check: bool = True) -> dict:
     return obj
 
 
+SUMS = "SHA256SUMS"
+
+
+def seal_folder(folder: Path) -> None:
+    """Checksum a checkpoint another library wrote as a folder of files (a DeepSpeed tag: model states and one ZeRO
+    optimizer shard per rank): fsync every file, then write ``SHA256SUMS`` (``sha256sum -c`` format) atomically. A
+    folder without it is a save that never finished."""
+    lines = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != SUMS and not p.name.endswith(".tmp"):
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            lines.append(f"{_sha256(p)}  {p.relative_to(folder)}\n")
+    _fsync_dir(folder)
+    _atomic_write_bytes(folder / SUMS, "".join(lines).encode())
+
+
+def verify_folder(folder: Path) -> None:
+    side = folder / SUMS
+    if not side.is_file():
+        raise CheckpointError(f"checkpoint '{folder}' has no {SUMS} (its save did not finish)")
+    for line in side.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            raise CheckpointError(f"checkpoint '{folder}' is corrupt or truncated ('{name}' does not match {SUMS})")
+
+
+def newest_sealed_folder(parent: Path, pattern: str = "step-*") -> Optional[str]:
+    """Name of the newest ``parent/<pattern>`` folder that verifies (``seal_folder``); None when there is none at
+    all; CheckpointError in one sentence when there are some and none verifies."""
+    errors = []
+    for folder in sorted((p for p in parent.glob(pattern) if p.is_dir()), reverse=True):
+        try:
+            verify_folder(folder)
+            return folder.name
+        except CheckpointError as err:
+            errors.append(str(err))
+            log.warning("%s; falling back to the previous checkpoint", err)
+    if errors:
+        raise CheckpointError(f"None of the {len(errors)} checkpoint(s) in '{parent}' can be resumed (newest: "
+                              f"{errors[0]}); nothing was overwritten. Restore them from a backup, or start over with "
+                              f"--set train.resume=false (they are moved aside, not deleted).")
+    return None
+
+
+def write_pointer(path: Path, text: str) -> None:
+    """A small file such as DeepSpeed's ``latest``, replaced atomically and durably."""
+    _atomic_write_bytes(path, text.encode())
+
+
 class CheckpointManager:
     """<dir>/step-XXXXXXXX.pt (keep last K), last.pt -> newest, best.pt by validation top-1."""
 
