@@ -27,8 +27,13 @@ clean:
 readme: venv
 	$(PY) -m scripts.readme
 
-# GPU self-check, one GPU, < 5 min: preflight, fp16/bf16 x torchvision/DALI, resume, DeepSpeed ZeRO-2 + SGD,
-# ONNX export on GPU, img/s at batch 128 -> runs/gpu_check/gpu_check.json (docs/cluster.md section 9).
-.PHONY: gpu-check
+# GPU self-check, one GPU, <= 420 s: facts, preflight, Trainer vs plain-loop img/s, kill + resume to equal weights,
+# DeepSpeed ZeRO-1/2 bf16 memory and fp16 overflow, ONNX on the GPU, torch.compile -> runs/gpu_check/gpu_check.json
+# (docs/cluster.md section 9). On a lent GPU machine with no network: `bash scripts/gpu_check.sh --device` after
+# `make gpu-bundle` here (.gpu/: the wheels that machine lacks).
+.PHONY: gpu-check gpu-bundle
 gpu-check: venv
 	bash scripts/gpu_check.sh --out runs/gpu_check
+
+gpu-bundle: venv
+	bash scripts/gpu_bundle.sh
