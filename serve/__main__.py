@@ -156,14 +156,15 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     t.set_defaults(func=_trt)
 
     r = sub.add_parser("repository", help="Write a self-contained Triton model repository: se_resnet50, preprocess, the classify ensemble.")
-    r.add_argument("--export", help="an export folder from 'export' (model.onnx [+ model.int8.onnx], serving_spec.json, labels.txt)")
+    r.add_argument("--export", help="an export folder from 'export' (model.onnx [+ the int8 files of 'quantize'], serving_spec.json, labels.txt)")
     r.add_argument("--checkpoint", help="convenience: a seresnet-stack checkpoint, exported first (with the parity check)")
     r.add_argument("--out", required=True, help="new, empty, or earlier-written repository folder (e.g. runs/model_repository)")
     r.add_argument("--target", choices=["cpu", "onnx", "tensorrt", "int8"], default="cpu",
                    help="cpu: python backend + ONNX Runtime (local tritonserver); onnx: onnxruntime_onnx; tensorrt: tensorrt_plan; "
-                        "int8: cpu serving model.int8.onnx (default cpu)")
+                        "int8: cpu serving model.int8.cpu.onnx (default cpu)")
     r.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                   help="int8: serve the export folder's model.int8.onnx through the target's route (default fp32)")
+                   help="int8: serve the export folder's int8 file for the target: model.int8.cpu.onnx on cpu, model.int8.onnx "
+                        "(TensorRT's Q/DQ rules checked) on onnx and tensorrt (default fp32)")
     r.add_argument("--onnx", help="serve this ONNX file instead of the export folder's")
     r.add_argument("--plan", help="tensorrt: copy this plan (from 'trt') into the repository")
     r.add_argument("--plan-cc", help="tensorrt: compute capability the plan was built for, e.g. 8.0")

@@ -38,6 +38,7 @@ def plan_filename(cc: str) -> str:
 
 # Export folder (`python -m serve export`): what the repository writer reads.
 EXPORT_ONNX = "model.onnx"              # fp32, softmax in the graph
+EXPORT_FP16_ONNX = "model.fp16.onnx"    # its fp16-typed copy (fp32 input/output): what a TensorRT 11 fp16 plan is built from
 # Static QDQ int8 (`python -m serve quantize`), one file per kind of runtime (serve/quantize.py says why):
 EXPORT_INT8_ONNX = "model.int8.onnx"          # symmetric int8, no int32 biases: TensorRT (and ONNX Runtime on GPUs)
 EXPORT_INT8_CPU_ONNX = "model.int8.cpu.onnx"  # uint8 activations, int32 biases: the fastest on CPUs (ONNX Runtime)
@@ -45,7 +46,7 @@ INT8_TARGETS = ("cpu", "tensorrt")            # `serve quantize --target`: which
 EXPORT_LABELS = "labels.txt"            # one class name per line, index order
 EXPORT_SPEC = "serving_spec.json"       # {"eval": eval-transform spec, "serve": limits and batching, "classes": [...]}
 PRECISIONS = ("fp32", "int8")
-# `int8` is a repository target too: the CPU route (python + ONNX Runtime) serving model.int8.onnx.
+# `int8` is a repository target too: the CPU route (python + ONNX Runtime) serving model.int8.cpu.onnx.
 REPOSITORY_TARGETS = TARGETS + ("int8",)
 
 # Inside a generated repository
