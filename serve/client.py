@@ -69,6 +69,8 @@ def is_transient(err: Exception) -> bool:
         return True
     if isinstance(err, InferenceServerException):
         st, msg = _status(err), str(err).lower()
+        if "larger than max" in msg:   # gRPC's RESOURCE_EXHAUSTED for an over-size message: the same bytes fail again
+            return False
         if st in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED", "503", "502", "504"):
             return True
         if any(s in msg for s in ("failed to connect", "connection refused", "connection reset", "unavailable",
