@@ -3,7 +3,7 @@ prometheus-adapter chart values that serve the HPA's metric.
 
 ``python -m launch.monitoring`` regenerates ``k8s/monitoring/dashboards/*.json``, ``k8s/monitoring/prometheusrule.yaml``
 and ``k8s/monitoring/prometheus-adapter/values.yaml``; ``--check`` fails when the committed files differ (a test runs
-it). ``promql_expressions()`` lists every PromQL expression the dashboards and rules use, for the live test.
+it). ``dashboard_expressions()`` and ``rule_expressions()`` list every PromQL expression, for the tests.
 """
 from __future__ import annotations
 

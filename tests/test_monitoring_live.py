@@ -98,10 +98,9 @@ def bool_form(expr: str) -> str:
 
 
 def adapter_query() -> str:
-    """The prometheus-adapter metricsQuery as the adapter expands it for one pod (here: job/instance labels)."""
-    doc = yaml.safe_load((ROOT / "k8s/monitoring/prometheus-adapter/config.yaml").read_text())
-    q = doc["rules"][0]["metricsQuery"]
-    return q.replace("<<.LabelMatchers>>", 'job="triton"').replace("<<.GroupBy>>", "instance")
+    """The HPA's metric as prometheus-adapter expands its chart values' metricsQuery for one pod (here: job/instance)."""
+    (rule,) = yaml.safe_load(m.ADAPTER_VALUES_FILE.read_text())["rules"]["custom"]
+    return rule["metricsQuery"].replace("<<.LabelMatchers>>", 'job="triton"').replace("<<.GroupBy>>", "instance")
 
 
 def wait_for(pred, timeout: float, what: str, poll: float = 1.0, proc=None, log=None):
@@ -229,6 +228,9 @@ def test_every_dashboard_and_rule_expression_returns_data_from_live_triton_and_t
                 prove(f"alert {rule['name']}", rule["expr"], need_data=False)   # fires only when it should
                 prove(f"alert {rule['name']} (bool)", bool_form(rule["expr"]))
         prove("prometheus-adapter metricsQuery", adapter_query())
+        # The HPA and the queue alert cover every composing model this server actually runs (the ensemble aside).
+        live = {s["metric"]["model"] for s in prom.query("group by (model) (nv_inference_queue_duration_us)")["data"]["result"]}
+        assert m.ENSEMBLE in live and live - {m.ENSEMBLE} and live - {m.ENSEMBLE} <= set(m.COMPOSING_MODELS), live
 
         # Prometheus itself evaluated every rule of the file without error.
         groups = prom.api("rules")["data"]["groups"]
