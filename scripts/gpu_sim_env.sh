@@ -5,23 +5,23 @@
 # torchvision 0.26.0, numpy 2, pillow, onnx, onnxruntime, onnxscript, tqdm, pyyaml, psutil, prometheus-client,
 # matplotlib and DeepSpeed's own needs that machine has (einops, msgpack, ninja, packaging, py-cpuinfo,
 # nvidia-ml-py). No pydantic, hjson or DeepSpeed: the check brings those from .gpu/ (make gpu-bundle), as there.
-# Idempotent (a stamp keyed on this file); prints the venv's python. Measured on a 2-core CI box with PyPI at
-# ~100 MB/s: ~2.5 minutes and ~5.5 GiB on the first run, 0 s after.
+# Idempotent (a stamp keyed on the package list); prints the venv's python. Measured on this project's 2-core box
+# (2026-12-02, PyPI over the network): 149 s and 4.9 GiB on the first run, 0 s after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GPU_SIM_VENV:-.cache/gpu-sim-venv}
 PY=${PYTHON:-python3}
-stamp="$VENV/.installed-$(sha256sum scripts/gpu_sim_env.sh | cut -c1-16)"
+PACKAGES=(torch==2.11.0 torchvision==0.26.0 "numpy>=2,<3" "pillow>=10" "onnx>=1.18" "onnxruntime>=1.20" "onnxscript>=0.3"
+          tqdm pyyaml psutil prometheus-client matplotlib einops msgpack ninja packaging py-cpuinfo nvidia-ml-py)
+stamp="$VENV/.installed-$(echo "${PACKAGES[*]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "[gpu-sim] creating $VENV (torch 2.11.0 with its CUDA wheels: a few minutes, ~5.5 GiB)" >&2
+  echo "[gpu-sim] creating $VENV (torch 2.11.0 with its CUDA wheels: a few minutes, ~5 GiB)" >&2
   t0=$(date +%s)
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   # torch 2.11.0 is not among this project's local wheels: it comes from the registry (PyPI's default build is
   # the CUDA 13.0 one, as on the GPU machine).
-  "$VENV/bin/pip" install -q --no-cache-dir \
-    torch==2.11.0 torchvision==0.26.0 "numpy>=2,<3" "pillow>=10" "onnx>=1.18" "onnxruntime>=1.20" "onnxscript>=0.3" \
-    tqdm pyyaml psutil prometheus-client matplotlib einops msgpack ninja packaging py-cpuinfo nvidia-ml-py >&2
+  "$VENV/bin/pip" install -q --no-cache-dir "${PACKAGES[@]}" >&2
   for mod in pydantic hjson deepspeed; do
     if "$VENV/bin/python" -c "import $mod" 2>/dev/null; then
       echo "[gpu-sim] $mod got into $VENV; the GPU machine has none" >&2; exit 1

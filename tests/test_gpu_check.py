@@ -78,11 +78,11 @@ def test_step_timeouts_and_the_budget_are_recorded_and_the_report_stays_valid(tm
 
 
 def test_the_check_draws_photo_like_jpegs_of_10_classes(tmp_path):
-    from scripts.gpu_check.common import Ctx
-    from scripts.gpu_check.facts import SPLITS, data
+    from scripts.gpu_check.common import GPU, Ctx
+    from scripts.gpu_check.facts import data
 
-    figures = data(Ctx(tmp_path, tmp_path, tiny=True))
-    assert figures["images"] == sum(n for _, n in SPLITS) * 10 >= 2000 and figures["min_side_px"] >= 400
+    figures = data(Ctx(tmp_path, tmp_path, tiny=False))
+    assert figures["images"] == sum(GPU.per_class) * 10 >= 2000 and figures["min_side_px"] >= 400
     a = np.asarray(Image.open(tmp_path / "data" / "train" / "class0" / "0000.jpg"), np.float32)
     b = np.asarray(Image.open(tmp_path / "data" / "train" / "class7" / "0000.jpg"), np.float32)
     assert Image.open(tmp_path / "data" / "val" / "class3" / "0001.jpg").format == "JPEG"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from scripts.gpu_check.common import ROOT
-from scripts.gpu_check.step import STEPS
+from scripts.gpu_check.step import NEEDS_CUDA, STEPS
 
 MIN_STEP_S = 15   # a step is not started with less time than this left in the budget
 
@@ -80,6 +80,8 @@ def main(argv=None) -> int:
             s0 = time.monotonic()
             if left < MIN_STEP_S:
                 res = {"status": "skipped", "reason": f"over the check's {args.budget:.0f} s budget", "figures": {}}
+            elif name in NEEDS_CUDA and not args.tiny and report["figures"].get("facts", {}).get("cuda_available") is False:
+                res = {"status": "skipped", "reason": "no CUDA", "figures": {}}
             else:
                 res = run_one(name, args, work, min(args.step_timeout, left), log)
             step = {"name": name, "status": res["status"], "reason": res.get("reason", ""),

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from scripts.gpu_check.common import CLASSES, Ctx
 
-SPLITS = (("train", 200), ("val", 20), ("test", 20))   # per class: 2,400 JPEGs in all
+SPLITS = ("train", "val", "test")   # images per class: Sizes.per_class (2,400 JPEGs in all on a GPU)
 SIZE_RANGE = (400, 480)
 
 
@@ -91,7 +91,7 @@ def _draw(job) -> None:
 def data(ctx: Ctx) -> dict:
     t0 = time.perf_counter()
     jobs = []
-    for s_i, (split, n) in enumerate(SPLITS):
+    for s_i, (split, n) in enumerate(zip(SPLITS, ctx.sizes.per_class)):
         for c in range(CLASSES):
             folder = ctx.data / split / f"class{c}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def data(ctx: Ctx) -> dict:
         pool.map(_draw, jobs, chunksize=16)
     files = list(ctx.data.rglob("*.jpg"))
     sizes = [Image.open(files[0]).size, Image.open(files[-1]).size]
-    return {"images": len(files), "classes": CLASSES, "splits": {s: n * CLASSES for s, n in SPLITS},
+    return {"images": len(files), "classes": CLASSES, "splits": {s: n * CLASSES for s, n in zip(SPLITS, ctx.sizes.per_class)},
             "min_side_px": min(min(s) for s in sizes), "seconds": round(time.perf_counter() - t0, 1),
             "bytes": sum(p.stat().st_size for p in files), "root": str(ctx.data)}
 

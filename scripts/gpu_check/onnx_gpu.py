@@ -41,7 +41,8 @@ def run(ctx: Ctx) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(TINY_THREADS)
     model, cfg, ckpt = _model(ctx)
-    files = sorted((ctx.data / "test").rglob("*.jpg"))[:: max(1, 200 // ctx.sizes.onnx_images)][: ctx.sizes.onnx_images]
+    every = sorted((ctx.data / "test").rglob("*.jpg"))
+    files = every[:: max(1, len(every) // ctx.sizes.onnx_images)][: ctx.sizes.onnx_images]   # all classes
     batch = eval_batch([p.read_bytes() for p in files], cfg)
     served = WithSoftmax(model).eval().to(device)
     path = ctx.work / "onnx" / "model.onnx"

@@ -31,6 +31,10 @@ STEPS = {
     "tensorrt_fp16": onnx_gpu.tensorrt,
     "compile_se_resnet50_bf16": partial(throughput.run, model="se_resnet50", precision="bf16", compiled=True),
 }
+# Steps that cannot run without CUDA outside --tiny: the runner skips them without starting a process when step
+# ``facts`` found no CUDA (each step also checks for itself).
+HOST_STEPS = ("facts", "data", "preflight")
+NEEDS_CUDA = tuple(n for n in STEPS if n not in HOST_STEPS)
 
 
 def run_step(name: str, ctx: Ctx) -> dict:
