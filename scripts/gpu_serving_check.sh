@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU serving check, for a machine with an NVIDIA GPU and the pinned TensorRT (train/compat.yaml `serving:`;
 # `pip install -e '.[tensorrt]'` for polygraphy, trtexec from the TensorRT container of the same release):
-#   1. builds fp16 (and int8, from a Q/DQ ONNX if there is one) plans from the demo ONNX with the one recipe of
+#   1. builds fp16 (from the fp16-typed copy) and int8 (from a Q/DQ ONNX if there is one) plans with the one recipe of
 #      serve/tensorrt.py (profile min 1 / opt / max = the largest batch asked for), and loads each at max batch;
 #   2. compares each plan with ONNX Runtime on the same random inputs (polygraphy, --atol/--rtol);
 #   3. times batch 1/8/32 with trtexec and writes everything as JSON to runs/gpu_check/report.json.
@@ -64,12 +64,16 @@ CMP_B=$(printf '%s\n' $BATCHES | awk '$1 > 1' | head -n 1); CMP_B=${CMP_B:-$MAX}
 results=()
 status=0
 for p in $precisions; do
-  src=$ONNX; atol=$FP16_ATOL
-  [ "$p" = int8 ] && { src=$INT8_ONNX; atol=$INT8_ATOL; }
+  src=$ONNX; ref=$ONNX; atol=$FP16_ATOL
+  [ "$p" = int8 ] && { src=$INT8_ONNX; ref=$INT8_ONNX; atol=$INT8_ATOL; }
+  if [ "$p" = fp16 ]; then   # TensorRT 11 builds the ONNX's own types: fp16 from the fp16-typed copy
+    src="$OUT/model.fp16.onnx"
+    run "$PY" -m serve.tensorrt --fp16-onnx "$ONNX" "$src"
+  fi
   plan="$OUT/model.$p.plan"
   # shellcheck disable=SC2086
   build=$("$PY" -m serve.tensorrt --print-command "$src" --plan "$plan" --precision "$p" --max-batch "$MAX" \
-          --preferred $BATCHES --trtexec "$TRTEXEC")
+          --preferred $BATCHES --image-size "$SIZE" --trtexec "$TRTEXEC")
   t0=$(date +%s)
   echo "+ $build"
   [ "$DRY" = 1 ] || eval "$build" > "$OUT/build.$p.log" 2>&1 || die "the $p build failed; see $OUT/build.$p.log."
@@ -78,7 +82,7 @@ for p in $precisions; do
   echo "+ $verify"
   [ "$DRY" = 1 ] || eval "$verify" > "$OUT/verify.$p.log" 2>&1 || die "the $p plan does not run at batch $MAX; see $OUT/verify.$p.log."
   shape="input:[$CMP_B,3,$SIZE,$SIZE]"
-  run polygraphy run "$src" --onnxrt --input-shapes "$shape" --val-range "input:[-2.2,2.7]" \
+  run polygraphy run "$ref" --onnxrt --input-shapes "$shape" --val-range "input:[-2.2,2.7]" \
       --save-inputs "$OUT/inputs.$p.json" --save-outputs "$OUT/ort.$p.json"
   cmp=pass
   run polygraphy run "$plan" --model-type engine --trt --load-inputs "$OUT/inputs.$p.json" \

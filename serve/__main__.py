@@ -50,15 +50,16 @@ def _quantize(a) -> int:
 
 def _trt(a) -> int:
     from serve.contract import plan_filename
-    from serve.tensorrt import build_plan, trtexec_command
+    from serve.tensorrt import build_plan, onnx_image_size, plan_source, profile_for_onnx, trtexec_command
 
-    cmd = trtexec_command(a.onnx, Path(a.out) / plan_filename("<CC>").replace("sm<CC>", "sm${CC}"), a.precision,
-                          a.min_batch, a.opt_batch, a.max_batch, workspace_mib=a.workspace_mib)
+    mn, opt, mx = profile_for_onnx(a.onnx, a.max_batch)   # the one profile rule (serve.tensorrt.plan_profile)
+    cmd = trtexec_command(plan_source(a.onnx, a.precision, a.out), Path(a.out) / plan_filename("<CC>").replace("sm<CC>", "sm${CC}"),
+                          a.precision, mn, opt, mx, image_size=onnx_image_size(a.onnx), workspace_mib=a.workspace_mib)
     print("[trt] equivalent trtexec command (what the Kubernetes init container runs):")
     print("  " + shlex.join(cmd).replace("'", "") + "    # ${CC}: the GPU's compute capability without the dot, e.g. 80")
     if a.print_only:
         return 0
-    r = build_plan(a.onnx, a.out, a.precision, a.min_batch, a.opt_batch, a.max_batch, a.workspace_mib)
+    r = build_plan(a.onnx, a.out, a.precision, mn, opt, mx, a.workspace_mib)
     print(f"[trt] {r['plan']} (compute capability {r['compute_capability']}, {r['precision']}, {r['seconds']} s)")
     return 0
 
@@ -147,10 +148,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     t.add_argument("--onnx", required=True, help="model.onnx from 'export'")
     t.add_argument("--out", default=".", help="folder for model.sm<CC>.plan (default: current folder)")
     t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
-                   help="int8 needs the Q/DQ model of 'quantize' (model.int8.onnx); default fp16")
-    t.add_argument("--min-batch", type=int, default=1)
-    t.add_argument("--opt-batch", type=int, default=None, help="optimisation batch (default: --max-batch)")
-    t.add_argument("--max-batch", type=int, default=32, help="largest batch (the repository's max_batch_size)")
+                   help="fp16: built from an fp16-typed copy of the ONNX (written beside the plan; TensorRT 11 has no "
+                        "--fp16); int8 needs the Q/DQ model of 'quantize' (model.int8.onnx); default fp16")
+    t.add_argument("--max-batch", type=int, default=None,
+                   help="largest batch (default: serve.max_batch_size of the serving_spec.json beside the ONNX, as the "
+                        "repository's config says); the profile is min 1, opt the largest preferred size, max this")
     t.add_argument("--workspace-mib", type=int, default=4096)
     t.add_argument("--print-only", action="store_true", help="only print the trtexec command")
     t.set_defaults(func=_trt)

@@ -19,7 +19,8 @@ from typing import Optional
 import serve.contract
 import train.transforms
 from serve.contract import (CHECKED_IMAGE, CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE, ENSEMBLE_INPUT, EVAL_SPEC_FILE,
-                            EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX, EXPORT_ONNX, GUARD, INPUT_NAME, OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS,
+                            EXPORT_FP16_ONNX, EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX, EXPORT_ONNX, GUARD, INPUT_NAME,
+                            OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS,
                             PREPROCESS, PREPROCESS_BACKENDS, REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
 from serve.errors import ServeError
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
@@ -27,6 +28,7 @@ from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb a
                                 set_param as _param)
 from serve.repository_dali import add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config
 from serve.tensorrt_qdq import require_tensorrt_qdq
+from serve.tensorrt import check_plan, write_fp16_onnx
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"   # python model sources, copied into version folders
 MODEL_SOURCES = {CLASSIFIER: RUNTIME / "classifier.py", PREPROCESS: RUNTIME / "preprocess.py",
@@ -290,8 +292,11 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
         cls_files: dict[str, Path | bytes] = {f"1/{EXPORT_ONNX}": onnx}   # int8: the QDQ model under the served name
         if target == "cpu":
             cls_files.update(runtime_files(CLASSIFIER))
-        if target == "tensorrt" and plan is not None:
-            cls_files[f"1/{plan_filename(plan_cc) if plan_cc else 'model.plan'}"] = Path(plan)
+        if target == "tensorrt" and plan is not None:  # its profile, TensorRT and GPU first (serve.tensorrt.check_plan)
+            plan_cc = check_plan(plan, plan_cc, s.max_batch_size, s.preferred_batch_sizes)
+            cls_files[f"1/{plan_filename(plan_cc)}"] = Path(plan)
+        if target != "cpu" and precision == "fp32":  # the init container's fp16 plan: built from an fp16-typed ONNX
+            cls_files[f"1/{EXPORT_FP16_ONNX}"] = write_fp16_onnx(onnx, Path(tmp) / EXPORT_FP16_ONNX)
         cls_cfg = classifier_config(target, s, size, n, ort_threads=ort_threads, ort_tensorrt=ort_tensorrt)
         _param(cls_cfg, "PRECISION", precision)
         _write_model(out, CLASSIFIER, cls_cfg, cls_files, labels=classes)

@@ -96,6 +96,7 @@ def plans(tmp_path):
     src = tmp_path / "models"
     (src / CLASSIFIER / "1").mkdir(parents=True)
     (src / CLASSIFIER / "1" / "model.onnx").write_bytes(b"onnx-bytes")
+    (src / CLASSIFIER / "1" / "model.fp16.onnx").write_bytes(b"fp16-onnx-bytes")
     (src / CLASSIFIER / "config.pbtxt").write_text(CONFIG)
     (src / "preprocess" / "1").mkdir(parents=True)
     (src / "preprocess" / "1" / "model.py").write_text("# python model\n")
@@ -108,6 +109,7 @@ def plans(tmp_path):
         dst = tmp_path / f"repo-{n}"
         dst.mkdir()
         e = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SRC_REPOSITORY": str(src), "DST_REPOSITORY": str(dst),
+             "PLAN_WORK": str(tmp_path / f"work-{n}"),
              "PLAN_CACHE": str(tmp_path / "cache"), "PLAN_MODELS": CLASSIFIER, "TRTEXEC_CALLS": str(calls),
              "PLAN_TERMINATION_LOG": str(tmp_path / f"termination-{n}.log"), "PLAN_FAILURE_POLICY": "fallback",
              "HOSTNAME": f"pod-{n}"}
@@ -149,12 +151,14 @@ def test_profile_and_argv_come_from_the_config_and_match_python(plans):
     assert (mn, opt, mx) == (1, 64, 64)
     argv = shlex.split(build)[1:]
     tmp_plan = next(a.split("=", 1)[1] for a in argv if a.startswith("--saveEngine="))
-    onnx = str(dst / CLASSIFIER / "1" / "model.onnx")
+    onnx = str(dst / CLASSIFIER / "1" / "model.fp16.onnx")    # TensorRT 11: fp16 from the fp16-typed ONNX, no flag
     assert argv == trt_recipe.trtexec_command(onnx, tmp_plan, "fp16", mn, opt, mx, 32)[1:]
+    assert not any(a in argv for a in ("--fp16", "--int8", "--best"))
     load = [line for line in plans.calls.read_text().splitlines() if line.startswith("load ")]
     assert load and f"--shapes={INPUT_NAME}:64x3x32x32" in load[0]
     s = _served(dst)
-    assert s["plan"] and not s["onnx"]
+    assert s["plan"] and not s["onnx"] and not (dst / CLASSIFIER / "1" / "model.fp16.onnx").exists()
+    assert s["status"]["cache_errors"] == 0 and not (plans.tmp / "work-0").exists()
     assert 'platform: "tensorrt_plan"' in s["config"] and f'default_model_filename: "{plan_filename("9.0")}"' in s["config"]
     assert "model.onnx" not in s["config"] and s["status"]["models"][CLASSIFIER]["backend"] == "tensorrt_plan"
     assert (dst / "preprocess" / "1" / "model.py").exists()
@@ -297,8 +301,124 @@ def test_int8_needs_a_qdq_onnx_and_no_calibration(tmp_path):
         trt_recipe.trtexec_command(plain, "p.plan", "int8", 1, 8, 32)
     with pytest.raises(ServeError, match="removed in 11"):
         trt_recipe.trtexec_command(qdq, "p.plan", "int8", 1, 8, 32, calib_cache="c.cache")
+    for precision in ("fp16", "fp32"):   # a Q/DQ ONNX is int8 whatever the flag would say
+        with pytest.raises(ServeError, match="carries Q/DQ nodes: it builds as int8 only"):
+            trt_recipe.trtexec_command(qdq, "p.plan", precision, 1, 8, 32)
     cmd = trt_recipe.trtexec_command(qdq, "p.plan", "int8", 1, 8, 32)
-    assert "--int8" in cmd and not any(c.startswith("--calib") for c in cmd) and "--maxShapes=input:32x3x32x32" in cmd
+    assert not any(c.startswith("--calib") for c in cmd) and "--maxShapes=input:32x3x32x32" in cmd
+    assert ("--int8" in cmd) == (not trt_recipe.STRONGLY_TYPED)
+
+
+def test_fp16_plans_come_from_an_fp16_typed_onnx(tmp_path):
+    """TensorRT 11 has no --fp16: the fp16 plan is built from the fp16-typed copy (weights fp16, input/output
+    still fp32, the same answers as the fp32 model within fp16 rounding under ONNX Runtime)."""
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.2, (4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Softmax", ["f"], ["probabilities"], axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                          [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 4])], [w])
+    src = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    from serve.errors import ServeError
+    if trt_recipe.STRONGLY_TYPED:
+        with pytest.raises(ServeError, match="is an fp32 ONNX and TensorRT .* builds the types the ONNX has"):
+            trt_recipe.trtexec_command(src, "p.plan", "fp16", 1, 8, 32)
+    assert trt_recipe.plan_source(src, "fp16", tmp_path / "out") == tmp_path / "out" / "model.fp16.onnx"
+    r = subprocess.run([sys.executable, "-m", "serve.tensorrt", "--fp16-onnx", str(src), str(tmp_path / "out" / "model.fp16.onnx")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    half = tmp_path / "out" / "model.fp16.onnx"
+    assert trt_recipe.onnx_is_fp16(half) and not trt_recipe.onnx_is_fp16(src)
+    assert trt_recipe.plan_source(half, "fp16", tmp_path / "x") == half
+    cmd = trt_recipe.trtexec_command(half, "p.plan", "fp16", 1, 8, 32)
+    assert cmd[1] == f"--onnx={half}" and "--fp16" not in cmd[1:] or not trt_recipe.STRONGLY_TYPED
+    m = onnx.load(str(half))
+    assert [i.type.tensor_type.elem_type for i in m.graph.input] == [TensorProto.FLOAT]     # the config is unchanged
+    assert [o.type.tensor_type.elem_type for o in m.graph.output] == [TensorProto.FLOAT]
+    x = rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(run(half), run(src), atol=2e-3)
+
+
+def _qdq_repository(plans, precision_param: str | None):
+    d = plans.tmp / "models" / CLASSIFIER
+    (d / "1" / "model.onnx").write_bytes(b"onnx QuantizeLinear DequantizeLinear bytes")
+    (d / "1" / "model.fp16.onnx").unlink()
+    if precision_param:
+        (d / "config.pbtxt").write_text(CONFIG + f'parameters {{\n  key: "PRECISION"\n  value {{\n    string_value: "{precision_param}"\n  }}\n}}\n')
+
+
+def test_an_int8_repository_builds_int8_from_its_qdq_onnx(plans):
+    _qdq_repository(plans, "int8")
+    e, dst = plans.env()                       # PLAN_PRECISION=auto: the deployment's default
+    r = plans.run(e)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (build,) = plans.builds()
+    assert f"--onnx={dst / CLASSIFIER / '1' / 'model.onnx'}" in build and not any(f in build for f in (" --fp16", " --int8"))
+    s = _served(dst)
+    assert s["plan"] and s["status"]["models"][CLASSIFIER]["detail"].strip().endswith("int8")
+    assert list(plans.cache.rglob("*-int8-b1-64-64.plan"))
+    # Forcing fp16 onto a Q/DQ model is refused before any build.
+    e, dst = plans.env(PLAN_PRECISION="fp16")
+    r = plans.run(e)
+    assert "no " in r.stdout and "for a fp16 plan" in r.stdout and len(plans.builds()) == 1
+    (plans.tmp / "models" / CLASSIFIER / "1" / "model.fp16.onnx").write_bytes(b"fp16")
+    e, dst = plans.env(PLAN_PRECISION="fp16")
+    r = plans.run(e)
+    assert "carries Q/DQ nodes: it builds as int8 only" in r.stdout and len(plans.builds()) == 1 and _served(dst)["onnx"]
+
+
+def test_a_gpu_below_the_pinned_minimum_is_refused(plans):
+    smi = plans.tmp / "bin" / "nvidia-smi"
+    smi.write_text(FAKE_NVIDIA_SMI.replace("NVIDIA H100 80GB HBM3, 9.0", "Tesla V100-SXM2-32GB, 7.0").replace('echo "9.0"', 'echo "7.0"'))
+    e, dst = plans.env(PLAN_FAILURE_POLICY="fail")
+    r = plans.run(e)
+    assert r.returncode == 1 and not plans.builds()
+    assert f"compute capability 7.0 is below {trt_recipe.MIN_CC}, the minimum of the pinned Triton" in r.stdout
+
+
+FAILING_CP = """#!/bin/sh
+# cp that fails like a full or root-squashed cache volume: on any path under CP_FAIL_UNDER
+for a in "$@"; do case "$a" in "$CP_FAIL_UNDER"*) echo "cp: $a: No space left on device" >&2; exit 1;; esac; done
+exec /bin/cp "$@"
+"""
+
+
+def test_the_plan_cache_is_optional(plans):
+    """Any cache fault (no cache volume, a cache that cannot be written or read back) is logged and counted, and the
+    plan built in the pod is served, under the fail policy too."""
+    blocked = plans.tmp / "not-a-dir"
+    blocked.write_text("a file where the cache volume should be")
+    e, dst = plans.env(PLAN_CACHE=blocked / "cache", PLAN_FAILURE_POLICY="fail")
+    r = plans.run(e)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = _served(dst)
+    assert s["plan"] and s["status"]["cache_errors"] == 1 and "PLAN CACHE ERROR (1): cannot write" in r.stdout
+    assert "plan cache errors: 1" in Path(e["PLAN_TERMINATION_LOG"]).read_text()
+    # Full disk while publishing: the plan is still served, the cache keeps no half entry.
+    _exe(plans.tmp / "bin" / "cp", FAILING_CP)
+    e, dst = plans.env(CP_FAIL_UNDER=plans.cache, PLAN_FAILURE_POLICY="fail")
+    r = plans.run(e)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _served(dst)["plan"] and _served(dst)["status"]["cache_errors"] == 1 and "could not write" in r.stdout
+    assert not list(plans.cache.rglob("*.plan")) and not list(plans.cache.rglob(".tmp.*"))
+    # A good entry that cannot be read back: built here instead.
+    (plans.tmp / "bin" / "cp").unlink()
+    e, _ = plans.env()
+    assert plans.run(e).returncode == 0 and list(plans.cache.rglob("*.plan"))
+    builds = len(plans.builds())
+    _exe(plans.tmp / "bin" / "cp", FAILING_CP)
+    e, dst = plans.env(CP_FAIL_UNDER=plans.cache)
+    r = plans.run(e)
+    assert r.returncode == 0 and "cannot read" in r.stdout and len(plans.builds()) == builds + 1
+    assert _served(dst)["plan"] and _served(dst)["status"]["cache_errors"] == 1
 
 
 # ---------------------------------------------------------------- scripts/gpu_serving_check.sh (CPU-safe parts)
@@ -330,7 +450,8 @@ def test_gpu_check_script_dry_run_renders_the_recipe(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     cmds = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
     out = tmp_path / "out"
-    fp16 = trt_recipe.trtexec_command(tmp_path / "model.onnx", out / "model.fp16.plan", "fp16", 1, 16, 16)
+    assert [sys.executable, "-m", "serve.tensorrt", "--fp16-onnx", str(tmp_path / "model.onnx"), str(out / "model.fp16.onnx")] in cmds
+    fp16 = trt_recipe.trtexec_command(out / "model.fp16.onnx", out / "model.fp16.plan", "fp16", 1, 16, 16, image_size=32)
     int8 = trt_recipe.trtexec_command(tmp_path / "model.int8.onnx", out / "model.int8.plan", "int8", 1, 16, 16)
     assert fp16 in cmds and int8 in cmds
     assert trt_recipe.verify_command(out / "model.int8.plan", 16, "3x32x32") in cmds
@@ -352,3 +473,48 @@ def test_trtexec_performance_summary_is_parsed(tmp_path):
     from serve.errors import ServeError
     with pytest.raises(ServeError, match="no performance summary"):
         trt_recipe.parse_trtexec_perf("[E] Error: engine deserialization failed")
+
+
+# ---------------------------------------------------------------- one profile rule: `serve trt` and `repository --plan`
+
+def test_serve_trt_and_repository_plan_follow_the_one_profile_rule(tmp_path):
+    """`serve trt` takes the profile from the export's serving spec (what config.pbtxt will say), not a default of
+    its own; `serve repository --plan` refuses a plan built with another profile, TensorRT or GPU."""
+    onnx = require("onnx")
+    from onnx import TensorProto, helper
+
+    from serve.errors import ServeError
+
+    g = helper.make_graph([helper.make_node("Relu", ["input"], ["probabilities"])], "g",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                          [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 3, 32, 32])])
+    export = tmp_path / "export"
+    export.mkdir()
+    onnx.save(helper.make_model(g), export / "model.onnx")
+    with pytest.raises(ServeError, match="no serving_spec.json beside"):
+        trt_recipe.profile_for_onnx(export / "model.onnx")
+    (export / "serving_spec.json").write_text(json.dumps({"serve": {"max_batch_size": 64, "preferred_batch_sizes": [16, 32]}}))
+    assert trt_recipe.profile_for_onnx(export / "model.onnx") == (1, 32, 64)
+    r = subprocess.run([sys.executable, "-m", "serve", "trt", "--onnx", str(export / "model.onnx"), "--out", str(tmp_path / "p"),
+                        "--precision", "fp32", "--print-only"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "--optShapes=input:32x3x32x32" in r.stdout and "--maxShapes=input:64x3x32x32" in r.stdout
+
+    plan = tmp_path / "model.sm90.plan"
+    plan.write_bytes(b"engine")
+    with pytest.raises(ServeError, match="has no model.sm90.plan.json beside it"):
+        trt_recipe.check_plan(plan, None, 64, [16, 32])
+    meta = {"compute_capability": "9.0", "precision": "fp16", "tensorrt": trt_recipe.ROW["tensorrt"], "profile": [1, 32, 32]}
+    Path(f"{plan}.json").write_text(json.dumps(meta))
+    with pytest.raises(ServeError, match=r"has profile min/opt/max \[1, 32, 32\] but this repository needs \[1, 32, 64\]"):
+        trt_recipe.check_plan(plan, None, 64, [16, 32])
+    Path(f"{plan}.json").write_text(json.dumps({**meta, "profile": [1, 32, 64], "tensorrt": "10.5.0"}))
+    with pytest.raises(ServeError, match="was built by TensorRT 10.5.0 but Triton"):
+        trt_recipe.check_plan(plan, None, 64, [16, 32])
+    Path(f"{plan}.json").write_text(json.dumps({**meta, "profile": [1, 32, 64]}))
+    with pytest.raises(ServeError, match="--plan-cc 8.0 but"):
+        trt_recipe.check_plan(plan, "8.0", 64, [16, 32])
+    assert trt_recipe.check_plan(plan, None, 64, [16, 32]) == "9.0"
+    Path(f"{plan}.json").write_text(json.dumps({**meta, "profile": [1, 32, 64], "compute_capability": "7.0"}))
+    with pytest.raises(ServeError, match=r"compute capability 7\.0 \(V100\) is below"):
+        trt_recipe.check_plan(plan, None, 64, [16, 32])

@@ -24,8 +24,9 @@ def row():
     current = serving["current"]
     assert current in serving["rows"], f"{TABLE}.current={current} has no row"
     r = dict(serving["rows"][current], tag=current)
-    missing = {"image", "server", "tensorrt", "tensorrt_tag", "tensorrt_pip", "cuda", "min_compute_capability",
-               "max_compute_capability", "trtexec_image", "trtexec_source"} - set(r)
+    missing = {"image", "server", "tensorrt", "tensorrt_tag", "tensorrt_pip", "strongly_typed", "cuda",
+               "min_compute_capability", "max_compute_capability", "python_stub", "dali", "dali_checked",
+               "trtexec_image", "trtexec_source"} - set(r)
     assert not missing, f"{TABLE}.rows[{current}] lacks {sorted(missing)}"
     return r
 
@@ -42,9 +43,40 @@ def test_the_row_is_self_consistent(row):
     assert row["tensorrt"].startswith(row["tensorrt_pip"]), f"{TABLE}: tensorrt_pip {row['tensorrt_pip']} is not TensorRT {row['tensorrt']}"
     assert row["image"] == f"nvcr.io/nvidia/tritonserver:{row['tag']}-py3"
     assert row["trtexec_image"] == f"nvcr.io/nvidia/tensorrt:{row['tag']}-py3", "trtexec must come from the same release"
-    # GPUs this row serves; the others in serve.contract.DEFAULT_GPU_CCS need a later row (Blackwell: 25.xx).
+    # The row serves every GPU the plans are named for (Turing .. Blackwell); V100 has no row, and says why.
     served = [c for c in DEFAULT_GPU_CCS if _cc(row["min_compute_capability"]) <= _cc(c) <= _cc(row["max_compute_capability"])]
-    assert "9.0" in served and set(DEFAULT_GPU_CCS) - set(served) <= {"10.0", "12.0"}
+    assert served == list(DEFAULT_GPU_CCS), served
+    no_row = load_table()["serving"]["no_row"]
+    assert "7.0" in no_row and _cc("7.0") < _cc(row["min_compute_capability"]) and "V100" in no_row["7.0"]
+    # TensorRT 11 builds strongly typed networks only (no --fp16/--int8): the recipe must know it.
+    assert row["strongly_typed"] == (major >= 11)
+    assert re.fullmatch(r"3\.\d+", row["python_stub"]) and re.fullmatch(r"\d+\.\d+\.\d+", row["dali"])
+
+
+def test_the_recipe_follows_the_table(row):
+    """serve/tensorrt.py: no precision flags on a strongly typed TensorRT, the table's minimum GPU in the init
+    container's rendered block; a V100 plan build is refused in one sentence."""
+    from serve import tensorrt as recipe
+    from serve.errors import ServeError
+
+    assert recipe.STRONGLY_TYPED == row["strongly_typed"]
+    if row["strongly_typed"]:
+        assert all(recipe.precision_flags(p) == [] for p in recipe.PRECISIONS)
+    block = recipe.rendered_block()
+    assert f'PLAN_MIN_CC="{row["min_compute_capability"]}"' in block
+    with pytest.raises(ServeError, match=r"compute capability 7\.0 .*below 7\.5") as err:
+        recipe.check_gpu_supported("7.0")
+    assert len(str(err.value).splitlines()) == 1
+    recipe.check_gpu_supported(row["min_compute_capability"])
+
+
+def test_local_server_and_client_are_as_close_as_the_registries_allow(row):
+    """The table names what the CPU machines run: the tritonserver of setup_env.sh's wheel, the client pinned."""
+    local = load_table()["serving"]["local"]
+    assert local["tritonclient"] == row["server"], "tritonclient is published for every release: use the pinned one's"
+    assert local["tritonserver_wheel"] in (ROOT / "scripts" / "setup_env.sh").read_text()
+    pins = _pins()
+    assert pins.get("tritonclient") == local["tritonclient"], pins.get("tritonclient")
 
 
 def _dockerfile_args() -> dict[str, list[str]]:
@@ -73,11 +105,20 @@ def test_serve_dockerfile_follows_the_table(row):
     assert f'if [ -f /models/{GUARD}/config.pbtxt ]; then python3 -c "import nvidia.dali"' in text
 
 
-def test_pyproject_tensorrt_extra_is_pinned_to_the_table(row):
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    pins = [d for d in extras["tensorrt"] if re.match(r"tensorrt\b", d)]
-    assert pins == [f"tensorrt=={row['tensorrt_pip']}"], \
-        f"pyproject.toml tensorrt extra {pins} but {TABLE} says tensorrt=={row['tensorrt_pip']}"
+def _pins() -> dict[str, str]:
+    """Exact pins of the tested set: constraints.txt where the project has one, else pyproject's `==` requirements."""
+    constraints = ROOT / "constraints.txt"
+    if constraints.is_file():
+        lines = constraints.read_text().splitlines()
+    else:
+        extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        lines = [d for deps in extras.values() for d in deps]
+    return {m[1]: m[2] for m in (re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?==([^\s;#]+)", l.strip()) for l in lines) if m}
+
+
+def test_tensorrt_pin_is_the_table(row):
+    assert _pins().get("tensorrt") == row["tensorrt_pip"], \
+        f"the pinned tensorrt is {_pins().get('tensorrt')} but {TABLE} says tensorrt=={row['tensorrt_pip']}"
 
 
 @pytest.mark.parametrize("overlay", ["production", "staging"])
@@ -97,5 +138,8 @@ def test_manifests_follow_the_table(row, overlay):
 
 def test_docs_state_the_table(row):
     text = (ROOT / "docs" / "serving.md").read_text()
-    for key in ("image", "server", "tensorrt", "cuda", "min_compute_capability", "trtexec_image"):
+    for key in ("image", "server", "tensorrt", "cuda", "min_compute_capability", "python_stub", "dali", "trtexec_image"):
         assert str(row[key]) in text, f"docs/serving.md does not state {key} = {row[key]} ({TABLE})"
+    local = load_table()["serving"]["local"]
+    assert f"tritonserver {local['tritonserver']}" in text and f"tritonclient {local['tritonclient']}" in text
+    assert "V100" in text and "CVE-2026-24207" in text

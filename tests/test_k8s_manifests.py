@@ -67,7 +67,7 @@ def test_expected_kinds_are_rendered(rendered):
     assert {("k8s/training/storage", "PersistentVolumeClaim")} <= kinds
     assert {("k8s/serving/overlays/production", k) for k in (
         "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor",
-        "ServiceAccount", "PersistentVolumeClaim", "ConfigMap")} <= kinds
+        "ServiceAccount", "ConfigMap")} <= kinds
     assert {("k8s/monitoring", "PrometheusRule"), ("k8s/monitoring", "ConfigMap")} <= kinds
 
 
@@ -233,7 +233,10 @@ def test_triton_deployment_production_settings(rendered):
     mounts = {m["name"]: m for m in init["volumeMounts"]}
     assert mounts["plan-cache"]["mountPath"] == "/plan-cache"
     vols = {vol["name"]: vol for vol in spec["volumes"]}
-    assert vols["plan-cache"]["persistentVolumeClaim"]["claimName"] == "triton-plan-cache"
+    # The plan cache is the pod's own unless an overlay uses components/shared-plan-cache: no claim that can stay
+    # Pending (an RWX claim on a cluster whose default class is RWO) keeps a serving pod from scheduling.
+    assert vols["plan-cache"] == {"name": "plan-cache", "emptyDir": {"sizeLimit": "10Gi"}}
+    assert not [o for o in objects(rendered, "k8s/serving/overlays/production") if o["kind"] == "PersistentVolumeClaim"]
     assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
     assert vols["scripts"]["configMap"]["name"].startswith("triton-build-plans-")  # hashed, rewritten by kustomize
     # Under an HPA the Deployment carries no replicas (a re-apply would reset the scaled count); the HPA's minimum rules.
@@ -264,6 +267,26 @@ def test_staging_restricts_model_control_with_a_key_from_a_secret(rendered):
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert "--model-control-mode=explicit" in c["args"] and "--model-control-mode=none" not in c["args"]
     assert_non_inference_apis_restricted(c)
+
+
+def test_shared_plan_cache_component_takes_the_storage_class(kubectl, tmp_path):
+    """An overlay that shares the plan cache names its RWX class; the Deployment then mounts the claim."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    rel = os.path.relpath(REPO_ROOT / "k8s/serving", overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "serving",
+        "resources": [f"{rel}/overlays/production"], "components": [f"{rel}/components/shared-plan-cache"],
+        "patches": [{"target": {"kind": "PersistentVolumeClaim", "name": "triton-plan-cache"},
+                     "patch": '[{"op": "add", "path": "/spec/storageClassName", "value": "nfs-rwx"}]'}]}))
+    objs = v.kustomize_build(overlay, kubectl)
+    for obj in objs:
+        v.validate_object(obj)
+    pvc = next(o for o in objs if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "nfs-rwx" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    vols = {vol["name"]: vol for vol in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["plan-cache"] == {"name": "plan-cache", "persistentVolumeClaim": {"claimName": "triton-plan-cache"}}
 
 
 def test_service_servicemonitor_hpa_and_adapter_fit_together(rendered):

@@ -5,32 +5,35 @@
 # TensorRT plan on the serving GPU with /opt/trtexec/bin/trtexec.
 # Build from the repository root after writing the repository into runs/model_repository_k8s:
 #   python -m serve repository --checkpoint runs/demo/checkpoints/best.pt --out runs/model_repository_k8s --target onnx
-#   docker build -f k8s/images/serve.Dockerfile -t REGISTRY/seresnet-triton:24.10-py3-TAG .
-ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
-ARG TRTEXEC_IMAGE=nvcr.io/nvidia/tensorrt:24.10-py3
+#   docker build -f k8s/images/serve.Dockerfile -t REGISTRY/seresnet-triton:26.09-py3-TAG .
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:26.09-py3
+ARG TRTEXEC_IMAGE=nvcr.io/nvidia/tensorrt:26.09-py3
 
 # trtexec and the TensorRT libraries it links, from NVIDIA's TensorRT container of the same release: the Triton
 # image is not documented to ship trtexec, and NVIDIA's answer for Triton plans is the TensorRT container of the
 # same yy.mm (triton-inference-server/server#3904). The build fails if its version tag is not the table's.
 FROM ${TRTEXEC_IMAGE} AS trtexec
-ARG TENSORRT_TAG=100500
+ARG TENSORRT_TAG=110300
 RUN set -eu; \
     t=$(command -v trtexec || echo /opt/tensorrt/bin/trtexec); \
     mkdir -p /out/bin /out/lib; cp "$t" /out/bin/trtexec.bin; \
     libdir=$(dirname "$(ldd "$t" | awk '/libnvinfer\.so/ {print $3}')"); \
-    cp -P "$libdir"/libnvinfer.so.10* "$libdir"/libnvinfer_plugin.so.10* "$libdir"/libnvonnxparser.so.10* /out/lib/; \
+    major=$((TENSORRT_TAG / 10000)); \
+    cp -P "$libdir"/libnvinfer.so.${major}* "$libdir"/libnvinfer_plugin.so.${major}* "$libdir"/libnvonnxparser.so.${major}* /out/lib/; \
     cp -P "$libdir"/libnvinfer_builder_resource*.so* /out/lib/ 2>/dev/null || true; \
     printf '#!/bin/sh\nLD_LIBRARY_PATH=/opt/trtexec/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec /opt/trtexec/bin/trtexec.bin "$@"\n' > /out/bin/trtexec; \
     chmod 0755 /out/bin/trtexec; \
     "$t" --help 2>&1 | grep -q "\[TensorRT v${TENSORRT_TAG}\]" || { echo "trtexec in ${TRTEXEC_IMAGE:-the TensorRT image} is not TensorRT v${TENSORRT_TAG}" >&2; exit 1; }
 
 FROM ${TRITON_IMAGE}
-ARG TENSORRT_TAG=100500
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HOME=/tmp
+ARG TENSORRT_TAG=110300
+# Ubuntu 24.04 marks the image's python 3.12 as externally managed (PEP 668); this image is that environment's owner.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1 HOME=/tmp
 COPY --from=trtexec /out /opt/trtexec
 RUN /opt/trtexec/bin/trtexec --help 2>&1 | grep -q "\[TensorRT v${TENSORRT_TAG}\]"
 
-# numpy<2: Triton 2.51's python backend answers with empty tensors when the stub's environment has numpy 2.
+# numpy<2: the python models are tested under numpy 1.26 (the local tritonserver 2.51's python backend answers with
+# empty tensors under numpy 2); 1.26 has wheels for the image's python 3.12.
 # torch/torchvision (train/compat.yaml versions): the shared eval transform of the python preprocess model. CPU-only
 # builds: the python models (guard, preprocess, postprocess) run on the CPU, and the CUDA build would add ~3 GB of
 # libraries that the GPU models (TensorRT, ONNX Runtime backends; DALI brings its own) never load.
