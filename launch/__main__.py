@@ -84,6 +84,7 @@ def add_preflight_arguments(pre: argparse.ArgumentParser) -> argparse.ArgumentPa
     pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     pre.add_argument("--engine", choices=ENGINES, help="override the config's engine")
     pre.add_argument("--gpu-arch", help="compute capability of the cluster's GPUs, e.g. 7.0 (V100), 8.0 (A100), 9.0 (H100)")
+    pre.add_argument("--gpu-memory-gb", type=float, help="with --gpu-arch: memory of one GPU as its name gives it (16 for a V100 16GB, 80 for an H100 80GB; read as GiB): sizes the batch")
     pre.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
     pre.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node (default 1)")
     pre.add_argument("--json", action="store_true", help="print one JSON object (precision, data_backend, torch_cuda_archs, problems, ...)")
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace, train_args: Sequence[str] = ()) -> int:
             from train.config import ConfigError, load_config
             try:
                 cfg = load_config(args.config, args.overrides)
-                result = preflight(cfg, args.engine, args.gpu_arch, args.nnodes, args.nproc_per_node)
+                result = preflight(cfg, args.engine, args.gpu_arch, args.nnodes, args.nproc_per_node, args.gpu_memory_gb)
             except (ConfigError, ValueError) as err:
                 raise LaunchError(str(err)) from None
             print(render(result, args.json))

@@ -11,14 +11,18 @@ from train.hardware import decide, described_facts, local_facts
 
 
 def preflight(cfg: Config, engine: Optional[str] = None, gpu_arch: Optional[str] = None, nnodes: int = 1,
-              nproc_per_node: int = 1) -> dict:
-    """One object: the plan (precision, data_backend, torch_cuda_archs, image, ...) and ``problems`` (sentences)."""
-    facts = described_facts(gpu_arch, nproc_per_node) if gpu_arch else local_facts()
+              nproc_per_node: int = 1, gpu_memory_gb: Optional[float] = None) -> dict:
+    """One object: the plan (precision, data_backend, torch_cuda_archs, image, max_batch_per_gpu, ...), the RDMA
+    facts of this process when NCCL is set to use InfiniBand, and ``problems`` (sentences). Run in the pod at job
+    start (no --gpu-arch) it checks the pod itself: the locked-memory limit and CAP_IPC_LOCK among them."""
+    facts = described_facts(gpu_arch, nproc_per_node, gpu_memory_gb) if gpu_arch else local_facts()
     plan = decide(cfg, facts, engine)
     out = plan.to_dict()
     out.update(engine=engine or cfg.engine, nnodes=nnodes, nproc_per_node=nproc_per_node,
                world_size=nnodes * nproc_per_node, global_batch=nnodes * nproc_per_node * cfg.data.batch_size,
-               described=facts.described)
+               described=facts.described,
+               rdma={"configured": facts.rdma, "memlock_bytes": facts.memlock_bytes, "cap_ipc_lock": facts.cap_ipc_lock}
+               if facts.rdma else None)
     if not gpu_arch:   # a local run: its paths must exist here (a remote cluster's paths are not ours to check)
         root = Path(cfg.data.root)
         if not (root / "train").is_dir():
@@ -47,6 +51,18 @@ def render(result: dict, as_json: bool) -> str:
              f"torch:         {result['torch_version']} (archs: {' '.join(result['torch_cuda_archs']) or 'none'})"]
     if result.get("image"):
         lines.append(f"image:         {result['image']} (train/compat.yaml)")
+    mem = result.get("memory_mib")
+    if mem:
+        lines.append(f"GPU memory:    batch {result['global_batch'] // result['world_size']} per GPU needs ~"
+                     f"{mem['at_batch'] / 1024:.1f} of {mem['gpu'] / 1024:.1f} GiB; estimated to fit up to "
+                     f"{result['max_batch_per_gpu']} ({mem['per_image']} MiB per image)")
+    elif result["device"] == "cuda":
+        lines.append("GPU memory:    unknown (pass --gpu-memory-gb to size the batch)")
+    if result.get("rdma"):
+        r = result["rdma"]
+        lock = "unlimited" if r["memlock_bytes"] == -1 else f"{r['memlock_bytes'] // 1024} KiB"
+        lines.append(f"RDMA:          {r['configured']}; ulimit -l {lock}; CAP_IPC_LOCK "
+                     f"{'effective' if r['cap_ipc_lock'] else 'not effective'}")
     lines += [f"note:          {n}" for n in result["notes"]]
     lines += [f"PROBLEM:       {p}" for p in result["problems"]] or ["problems:      none"]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The hardware rule book fed with facts (V100, T4, A100, H100, Blackwell, no GPU, GPUs allocated but CUDA unusable),
 and `python -m launch preflight` running the same code against this venv's real torch build."""
 import json
+import os
 import subprocess
 
 import pytest
@@ -131,3 +132,77 @@ def test_preflight_bad_arch_is_one_sentence():
 
 def test_described_facts_use_this_build():
     assert described_facts("9.0").torch_cuda_archs == torch.cuda.get_arch_list()
+
+
+# --- GPU memory: the batch per GPU sized in the plan (a 16 GB V100 vs an 80 GB H100), DALI's nvJPEG buffers
+
+def test_batch_is_sized_per_gpu_memory_v100_16gb_vs_h100_80gb(cfg):
+    assert cfg.data.batch_size == 256
+    v100 = decide(cfg, gpu("7.0", CU126, gpu_memory_bytes=16 * 2**30))
+    h100 = decide(cfg, gpu("9.0", gpu_memory_bytes=80 * 2**30))
+    assert (v100.precision, h100.precision) == ("fp16", "bf16")
+    assert 64 <= v100.max_batch_per_gpu < 256 <= h100.max_batch_per_gpu, (v100.memory_mib, h100.memory_mib)
+    note = [n for n in v100.notes if n.startswith("data.batch_size=256 needs an estimated")]
+    assert len(note) == 1 and f"use data.batch_size <= {v100.max_batch_per_gpu}" in note[0], v100.notes
+    assert not [n for n in h100.notes if "data.batch_size" in n], h100.notes
+    fits = decide(load_config(ROOT / "configs" / "imagenet.yaml", [f"data.batch_size={v100.max_batch_per_gpu}"]),
+                  gpu("7.0", CU126, gpu_memory_bytes=16 * 2**30))
+    assert not [n for n in fits.notes if "data.batch_size" in n] and fits.memory_mib["at_batch"] <= 16 * 1024
+    assert decide(cfg, gpu("9.0")).max_batch_per_gpu is None   # memory unknown: no guess
+
+
+def test_preflight_prints_the_batch_that_fits():
+    r = preflight("--config", "configs/imagenet.yaml", "--gpu-arch", "7.0", "--gpu-memory-gb", "16")
+    line = [x for x in r.stdout.splitlines() if x.startswith("GPU memory:")]
+    assert line and "batch 256 per GPU needs ~" in line[0] and "estimated to fit up to" in line[0], r.stdout
+
+
+def test_dali_nvjpeg_padding_is_split_over_threads_and_eval_keeps_the_defaults():
+    """The decoders DALI is given ('mixed' decode, graph only: no GPU needed to build it)."""
+    dali = pytest.importorskip("nvidia.dali")   # noqa: F841
+    from train.config import DataConfig
+    from train.dali import (DALI_DEVICE_PADDING, DEVICE_PADDING_BUDGET, HOST_PADDING_BUDGET, _Source,
+                            build_eval_pipeline, build_train_pipeline)
+
+    def decoder_args(pipe) -> str:
+        pipe._build_graph()   # nvidia/dali/pipeline.py: the operator specs, before any backend (CUDA) is touched
+        return next(str(op.spec) for op in pipe._ops if "nvidia.dali.fn.decoders" in str(op.spec))
+
+    for threads in (1, 8, 32):
+        data = DataConfig(batch_size=4, workers=threads, backend="dali")
+        train = decoder_args(build_train_pipeline(data, _Source([], 4, 1), 0, torch.device("cuda", 0)))
+        device = max(DALI_DEVICE_PADDING, DEVICE_PADDING_BUDGET // threads)
+        assert f"device_memory_padding: {device}\n" in train and device * threads <= max(DEVICE_PADDING_BUDGET, DALI_DEVICE_PADDING * threads)
+        assert f"host_memory_padding: {max(8 << 20, HOST_PADDING_BUDGET // threads)}\n" in train
+        evaluation = decoder_args(build_eval_pipeline(data, _Source([], 4, 1), torch.device("cuda", 0)))
+        assert "memory_padding" not in evaluation, evaluation
+
+
+# --- RDMA at job start: the locked-memory limit and CAP_IPC_LOCK of the process itself
+
+@pytest.mark.parametrize("memlock,cap,refused", [(64 << 10, False, True), (-1, False, False), (64 << 10, True, False)])
+def test_rdma_needs_unlimited_memlock_or_cap_ipc_lock(cfg, memlock, cap, refused):
+    plan = decide(cfg, gpu("9.0", rdma="NCCL_IB_HCA=mlx5_0", memlock_bytes=memlock, cap_ipc_lock=cap))
+    found = [p for p in plan.problems if p.startswith("NCCL is set to use RDMA/InfiniBand (NCCL_IB_HCA=mlx5_0)")]
+    assert bool(found) == refused, plan.problems
+    if refused:
+        assert "ulimit -l 64" in found[0] and "kubernetes#56374" in found[0] and "LimitMEMLOCK=infinity" in found[0]
+    assert not decide(cfg, gpu("9.0", memlock_bytes=64 << 10)).problems   # no RDMA configured: nothing to check
+
+
+def test_preflight_in_the_pod_reads_ulimit_and_capeff():
+    """A real process with `ulimit -l 64` and no CAP_IPC_LOCK (as root: dropped from the bounding set, as a pod's
+    non-root uid never has it) and NCCL_IB_HCA set: preflight refuses; with NCCL_IB_DISABLE=1 it does not."""
+    if os.geteuid() == 0:
+        drop = ["setpriv", "--bounding-set=-ipc_lock"]
+    else:
+        drop = []
+    cmd = ["prlimit", f"--memlock={64 << 10}", *drop, PY, "-m", "launch", "preflight", "--config", "configs/demo.yaml",
+           "--json"]
+    r = subprocess.run(cmd, env=subprocess_env(NCCL_IB_HCA="mlx5_0"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = json.loads(r.stdout)
+    assert out["rdma"] == {"configured": "NCCL_IB_HCA=mlx5_0", "memlock_bytes": 64 << 10, "cap_ipc_lock": False}, out
+    assert r.returncode == 1 and any(p.startswith("NCCL is set to use RDMA/InfiniBand") for p in out["problems"])
+    r = subprocess.run(cmd, env=subprocess_env(NCCL_IB_HCA="mlx5_0", NCCL_IB_DISABLE="1"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert json.loads(r.stdout)["rdma"] is None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from train.config import DataConfig
-from train.dali_eval import decoder_kwargs, eval_graph, normalize
+from train.dali_eval import eval_graph, normalize
 from train.listing import DataError, check_image
 from train.transforms import EvalSpec
 
@@ -39,6 +39,35 @@ def _dali_device(device: Optional[torch.device]) -> tuple[Optional[int], str]:
 
 def _threads(data: DataConfig) -> int:
     return max(1, data.workers)
+
+
+# nvJPEG buffers of 'mixed' decode: DALI preallocates device_memory_padding once and host_memory_padding (pinned)
+# twice per thread of the pipeline (DALI docs, fn.decoders.image). NVIDIA's DeepLearningExamples use 201 / 134 MiB
+# per thread: at 8 threads 1.6 GiB of GPU memory outside torch's accounting and 2.1 GiB of pinned host memory per
+# pipeline. The training pipeline splits one budget over its threads, never below DALI's own defaults; the eval
+# pipeline (one pass an epoch, kept between epochs) uses the defaults: a reallocation there costs nothing that matters.
+DEVICE_PADDING_BUDGET = 256 << 20
+HOST_PADDING_BUDGET = 128 << 20
+DALI_DEVICE_PADDING = 16 << 20   # DALI's defaults
+DALI_HOST_PADDING = 8 << 20
+PREFETCH_DEPTH = 2
+DECODED_MIB_PER_IMAGE = 1.0      # an ImageNet photo decoded (~500x375x3), before the crop
+
+
+def train_decoder_kwargs(decode_device: str, threads: int) -> dict:
+    if decode_device != "mixed":
+        return {}
+    return {"device_memory_padding": max(DALI_DEVICE_PADDING, DEVICE_PADDING_BUDGET // threads),
+            "host_memory_padding": max(DALI_HOST_PADDING, HOST_PADDING_BUDGET // threads)}
+
+
+def gpu_memory_mib(data: DataConfig, image_size: Optional[int] = None) -> dict:
+    """GPU memory (MiB) DALI's train and eval pipelines of one rank hold outside torch's accounting with 'mixed'
+    decode: nvJPEG padding per thread, decoded images, and PREFETCH_DEPTH float output batches each."""
+    threads, size = _threads(data), image_size or data.image_size
+    pad = train_decoder_kwargs("mixed", threads)["device_memory_padding"] * threads + DALI_DEVICE_PADDING * threads
+    per_image = 2 * (DECODED_MIB_PER_IMAGE + PREFETCH_DEPTH * 3 * size * size * 4 / 2**20)
+    return {"fixed": pad / 2**20, "per_image": per_image}
 
 
 def _read(path: str) -> np.ndarray:
@@ -90,12 +119,12 @@ def build_train_pipeline(data: DataConfig, source: _Source, seed: int, device: O
     j, r, size = data.jitter, data.rotate_deg, image_size or data.image_size
 
     @pipeline_def(batch_size=data.batch_size, num_threads=_threads(data), device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2, enable_conditionals=r > 0 and decode_device == "cpu")
+                  prefetch_queue_depth=PREFETCH_DEPTH, enable_conditionals=r > 0 and decode_device == "cpu")
     def pipe():
         encoded, index = _source_node(source)
         images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
                                                random_area=[data.scale_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                               **decoder_kwargs(decode_device))
+                                               **train_decoder_kwargs(decode_device, _threads(data)))
         if r > 0 and decode_device == "cpu":
             images = _resize_rotate_fused(images, size, fn.random.uniform(range=(-r, r)))
         else:

@@ -9,18 +9,6 @@ them on load. tests/test_dali_serving.py states and checks the tolerance between
 """
 from __future__ import annotations
 
-# nvJPEG allocation padding for 'mixed' decode, the values NVIDIA's DeepLearningExamples ConvNets use
-# (image_classification/dataloaders.py): avoids reallocations when a larger image arrives mid-stream.
-DEVICE_MEMORY_PADDING = 211025920
-HOST_MEMORY_PADDING = 140544512
-
-
-def decoder_kwargs(decode_device: str) -> dict:
-    if decode_device != "mixed":
-        return {}
-    return {"device_memory_padding": DEVICE_MEMORY_PADDING, "host_memory_padding": HOST_MEMORY_PADDING}
-
-
 def normalize(images, mean, std, crop=None, mirror=0, channels_last: bool = False, crop_pos=(0.5, 0.5)):
     """float output, CHW, or HWC when the consumer wants channels_last: an NHWC batch is an NCHW channels_last
     tensor after a free permute (no copy). ``mean``/``std`` in 0-1 units, as the configs give them."""
@@ -60,7 +48,8 @@ def eval_graph(encoded, image_size: int, eval_resize: int, mean, std, decode_dev
     """Encoded JPEG/PNG bytes (a DALI node) -> normalised float pixels, [3, S, S] (or [S, S, 3] for channels_last)."""
     from nvidia.dali import fn, types
 
-    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **decoder_kwargs(decode_device))
+    # nvJPEG's memory padding stays at DALI's defaults here: an eval pass (or a served request) may reallocate once
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
     images = fn.resize(images, **torchvision_resize_args(images, eval_resize), interp_type=types.INTERP_LINEAR,
                        antialias=True)
     shape = images.shape(dtype=types.FLOAT)  # HWC

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ import torch
 
 from train.compat import image_for_arch, train_images
 from train.config import Config
+from train.dali import gpu_memory_mib
 
 # Environment variables through which a scheduler hands a process its GPUs: Kubernetes' device plugin and
 # `docker --gpus` (NVIDIA_VISIBLE_DEVICES), Slurm/torchrun users (CUDA_VISIBLE_DEVICES).
@@ -38,6 +40,10 @@ class Facts:
     dali_installed: bool = False
     deepspeed_installed: bool = False
     described: bool = False
+    rdma: Optional[str] = None              # how NCCL is told to use RDMA/InfiniBand ("NCCL_IB_HCA=mlx5_0"), None if not
+    memlock_bytes: int = -1                 # soft RLIMIT_MEMLOCK (`ulimit -l`), -1 = unlimited
+    cap_ipc_lock: bool = False              # CAP_IPC_LOCK in the effective set (/proc/self/status CapEff)
+    gpu_memory_bytes: Optional[int] = None  # total memory of one GPU; None when unknown
 
 
 @dataclass
@@ -52,6 +58,8 @@ class Plan:
     torch_version: str
     torch_cuda_archs: list[str]
     image: Optional[str]
+    max_batch_per_gpu: Optional[int] = None   # the largest data.batch_size estimated to fit one GPU (memory_plan)
+    memory_mib: Optional[dict] = None         # that estimate's parts
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -77,6 +85,34 @@ def _allocated_gpus() -> list[str]:
     return out
 
 
+CAP_IPC_LOCK = 14   # linux/capability.h
+
+
+def rdma_configured(env=os.environ) -> Optional[str]:
+    """How NCCL is told to use RDMA/InfiniBand: NCCL_IB_HCA names HCAs (what `launch k8s --rdma` sets), unless
+    NCCL_IB_DISABLE=1 turns the IB transport off. None when neither says so."""
+    if env.get("NCCL_IB_DISABLE", "0").strip() == "1":
+        return None
+    return f"NCCL_IB_HCA={env['NCCL_IB_HCA']}" if env.get("NCCL_IB_HCA", "").strip() else None
+
+
+def memlock_limit() -> int:
+    """The soft RLIMIT_MEMLOCK of this process in bytes (`ulimit -l` x 1024), -1 when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return -1 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def has_effective_cap(bit: int, status: str = "/proc/self/status") -> bool:
+    """Whether capability ``bit`` is in this process's effective set (the CapEff mask of /proc/self/status)."""
+    try:
+        for line in Path(status).read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -86,21 +122,56 @@ def _installed(module: str) -> bool:
 
 def local_facts() -> Facts:
     usable = torch.cuda.is_available()
-    arch = None
+    arch, memory = None, None
     if usable:
         major, minor = torch.cuda.get_device_capability(0)
         arch = f"{major}.{minor}"
+        memory = int(torch.cuda.get_device_properties(0).total_memory)
     return Facts(gpu_arch=arch, gpu_count=torch.cuda.device_count() if usable else 0, gpus_allocated=_allocated_gpus(),
                  cuda_usable=usable, torch_cuda_archs=list(torch.cuda.get_arch_list()), cpu_fast_bf16=cpu_has_fast_bf16(),
-                 dali_installed=_installed("nvidia.dali"), deepspeed_installed=_installed("deepspeed"))
+                 dali_installed=_installed("nvidia.dali"), deepspeed_installed=_installed("deepspeed"),
+                 rdma=rdma_configured(), memlock_bytes=memlock_limit(), cap_ipc_lock=has_effective_cap(CAP_IPC_LOCK),
+                 gpu_memory_bytes=memory)
 
 
-def described_facts(gpu_arch: str, gpus: int = 1) -> Facts:
-    """A remote node with GPUs of compute capability ``gpu_arch``, running this very torch build."""
+def described_facts(gpu_arch: str, gpus: int = 1, gpu_memory_gb: Optional[float] = None) -> Facts:
+    """A remote node with GPUs of compute capability ``gpu_arch`` (and ``gpu_memory_gb`` GB each, when given),
+    running this very torch build."""
     parse_arch(gpu_arch)
+    if gpu_memory_gb is not None and gpu_memory_gb <= 0:
+        raise ValueError(f"GPU memory '{gpu_memory_gb}' GB must be > 0, e.g. 16 for a V100 16GB or 80 for an H100.")
     return Facts(gpu_arch=gpu_arch, gpu_count=gpus, gpus_allocated=[f"nvidia.com/gpu={gpus}"], cuda_usable=True,
                  torch_cuda_archs=list(torch.cuda.get_arch_list()), dali_installed=_installed("nvidia.dali"),
-                 deepspeed_installed=_installed("deepspeed"), described=True)
+                 deepspeed_installed=_installed("deepspeed"), described=True,
+                 gpu_memory_bytes=int(gpu_memory_gb * 2**30) if gpu_memory_gb else None)
+
+
+# Training memory of one GPU. Activations saved for backward by SE-ResNet50 at 224 px, channels_last, measured with
+# torch.autograd.graph.saved_tensors_hooks: 157 MiB per image in fp32, 79 MiB under bf16/fp16 autocast (torchvision
+# ResNet-50: 131 / 66); they scale with the crop's pixels. On top: backward's transient gradient buffers
+# (ACTIVATION_HEADROOM), the CUDA context with cuDNN/cuBLAS workspaces, weights + gradients + optimizer state, DALI's
+# buffers (train.dali.gpu_memory_mib) and the caching allocator's fragmentation (ALLOCATOR_FILL).
+ACTIVATION_MIB_224 = {"fp32": 157.0, "bf16": 79.0, "fp16": 79.0}
+ACTIVATION_HEADROOM = 1.25
+CUDA_CONTEXT_MIB = 1024.0
+ALLOCATOR_FILL = 0.92
+PARAMETERS = {"se_resnet50": 28_088_024, "resnet50": 25_557_032}   # with the 1000-class head
+OPTIMIZER_STATE_BYTES = {"sgd": 4, "adamw": 8}                      # per parameter (momentum; exp_avg + exp_avg_sq)
+
+
+def memory_plan(cfg: Config, precision: str, data_backend_: str, gpu_memory_bytes: int) -> tuple[int, dict]:
+    """(largest batch per GPU estimated to fit, the parts in MiB) for SE-ResNet50 training on one GPU."""
+    size = cfg.data.image_size
+    per_image = ACTIVATION_MIB_224[precision] * ACTIVATION_HEADROOM * (size / 224) ** 2
+    state = PARAMETERS[cfg.model.name] * (4 + 4 + OPTIMIZER_STATE_BYTES[cfg.optim.name]) / 2**20
+    dali = gpu_memory_mib(cfg.data) if data_backend_ == "dali" else {"fixed": 0.0, "per_image": 0.0}
+    usable = gpu_memory_bytes / 2**20 * ALLOCATOR_FILL - CUDA_CONTEXT_MIB - state - dali["fixed"]
+    max_batch = max(0, int(usable // (per_image + dali["per_image"])))
+    parts = {"gpu": round(gpu_memory_bytes / 2**20), "cuda_context": CUDA_CONTEXT_MIB, "model_state": round(state),
+             "dali_fixed": round(dali["fixed"]), "per_image": round(per_image + dali["per_image"], 1),
+             "at_batch": round((CUDA_CONTEXT_MIB + state + dali["fixed"]
+                                + cfg.data.batch_size * (per_image + dali["per_image"])) / ALLOCATOR_FILL)}
+    return max_batch, parts
 
 
 def parse_arch(arch: str) -> tuple[int, int]:
@@ -214,9 +285,19 @@ def decide(cfg: Config, facts: Facts, engine: Optional[str] = None) -> Plan:
         if t.grad_compression != "none":
             problems.append("train.grad_compression is a DDP communication hook; with engine=deepspeed set it to none "
                             "(DeepSpeed already reduces mixed-precision gradients in their low-precision dtype).")
+    if facts.rdma and facts.memlock_bytes != -1 and not facts.cap_ipc_lock:
+        problems.append(rdma_memlock_problem(facts))
     if t.grad_compression == "bf16" and gpu and not native_bf16:
         problems.append(f"train.grad_compression=bf16 needs bf16 support (compute capability >= 8.0, have "
                         f"{facts.gpu_arch}); use fp16.")
+    max_batch, memory = None, None
+    if gpu and facts.gpu_memory_bytes:
+        max_batch, memory = memory_plan(cfg, precision, backend, facts.gpu_memory_bytes)
+        if cfg.data.batch_size > max_batch:
+            notes.append(f"data.batch_size={cfg.data.batch_size} needs an estimated {memory['at_batch'] / 1024:.1f} GiB "
+                         f"of this GPU's {facts.gpu_memory_bytes / 2**30:.1f} GiB ({precision}, "
+                         f"{cfg.data.image_size} px, {backend}): it likely runs out of memory; use data.batch_size <= "
+                         f"{max_batch} (the learning rate follows the global batch, optim.lr_scaling)")
     image = None
     if facts.gpu_arch:
         try:
@@ -226,7 +307,19 @@ def decide(cfg: Config, facts: Facts, engine: Optional[str] = None) -> Plan:
     return Plan(device=device, precision=precision, data_backend=backend, channels_last=t.channels_last != "off",
                 grad_scaler=precision == "fp16", gpu_arch=facts.gpu_arch if gpu else None,
                 torch_version=facts.torch_version, torch_cuda_archs=list(facts.torch_cuda_archs), image=image,
-                problems=problems, notes=notes)
+                max_batch_per_gpu=max_batch, memory_mib=memory, problems=problems, notes=notes)
+
+
+def rdma_memlock_problem(facts: Facts) -> str:
+    """NCCL's InfiniBand transport pins (registers) its buffers: without CAP_IPC_LOCK the memlock limit caps that, and
+    capabilities.add: [IPC_LOCK] never reaches the effective set of a non-root uid (kubernetes#56374)."""
+    kib = facts.memlock_bytes // 1024
+    return (f"NCCL is set to use RDMA/InfiniBand ({facts.rdma}) but this process (uid {os.getuid()}) may lock only "
+            f"{kib} KiB of memory (ulimit -l {kib}) and has no effective CAP_IPC_LOCK, so NCCL cannot register its "
+            f"buffers: make the container runtime's memlock limit unlimited (containerd or CRI-O: LimitMEMLOCK=infinity "
+            f"in its systemd unit; Docker: --default-ulimit memlock=-1:-1), or run the container as uid 0 (IPC_LOCK in "
+            f"securityContext.capabilities.add is not effective for a non-root uid, kubernetes#56374), or set "
+            f"NCCL_IB_DISABLE=1 to train over sockets.")
 
 
 def known_images() -> list[str]:
