@@ -70,7 +70,8 @@ if [[ $DEVICE -eq 1 ]]; then
     PIP_CONFIG_FILE=/dev/null "${INSTALL[@]}" || die "installing .gpu/ with $PY failed (its wheels are for CPython 3.11/3.12); rerun 'make gpu-bundle'."
   fi
   export PYTHONPATH="$PYTHONPATH:$SITE"
-  export TORCH_EXTENSIONS_DIR="$SITE/torch_extensions"
+  # ops DeepSpeed compiles at first use (its CPU shared-memory op in a --tiny rehearsal) are kept per interpreter
+  export TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions_$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])')_device"
 fi
 
 RUN=("$PY" -m scripts.gpu_check --out "$OUT" "${EXTRA[@]}")

@@ -21,6 +21,16 @@ from scripts.gpu_check.common import ROOT
 from scripts.gpu_check.step import NEEDS_CUDA, STEPS
 
 MIN_STEP_S = 15   # a step is not started with less time than this left in the budget
+RUNNING: list = []   # the step process now running, ended with this runner on SIGTERM/SIGINT
+
+
+def _stop(signum, _frame):
+    for p in RUNNING:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -34,8 +44,10 @@ def run_one(name: str, args, work: Path, timeout: float, log) -> dict:
     cmd += ["--tiny"] if args.tiny else []
     log.write(f"\n===== {name} (timeout {timeout:.0f} s)\n")
     log.flush()
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    # its own process group (not a new session: whatever ends this run's session ends the steps too)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, process_group=0,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    RUNNING[:] = [p]
     try:
         p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -60,9 +72,14 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, help="scratch folder for data, checkpoints, ONNX (default: a temporary one)")
     ap.add_argument("--tiny", action="store_true", help="a CPU rehearsal: every step at toy sizes, CUDA or not")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check (default 420)")
-    ap.add_argument("--step-timeout", type=float, default=90.0, help="seconds per step at most (default 90)")
+    ap.add_argument("--step-timeout", type=float, help="seconds per step at most (default 90; 600 with --tiny, whose "
+                                                        "CPU runs are not bound by the GPU contract)")
     ap.add_argument("--only", nargs="*", choices=list(STEPS), help="run these steps only (and those they need)")
     args = ap.parse_args(argv)
+    if args.step_timeout is None:
+        args.step_timeout = 600.0 if args.tiny else 90.0
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     t0 = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     own_work = args.work is None

@@ -48,7 +48,7 @@ class Sizes:
 GPU = Sizes(batches=(256, 128), image=224, warmup=5, windows=3, window_steps=30, train_steps=200, kill_at=100,
             train_batch=64, train_image=160, train_workers=8, ds_batch=128, ds_steps=12, onnx_images=64,
             per_class=(200, 20, 20))
-TINY = Sizes(batches=(2, 1), image=32, warmup=1, windows=3, window_steps=1, train_steps=4, kill_at=2,
+TINY = Sizes(batches=(4, 2), image=32, warmup=1, windows=3, window_steps=1, train_steps=4, kill_at=2,
              train_batch=4, train_image=32, train_workers=1, ds_batch=2, ds_steps=2, onnx_images=4,
              per_class=(8, 2, 2))
 TINY_THREADS = 1   # --tiny on a shared CPU box: one intra-op thread (2 threads on 2 busy cores stall at every barrier)

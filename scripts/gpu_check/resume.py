@@ -19,7 +19,10 @@ import torch
 
 from scripts.gpu_check.common import ROOT, TINY_THREADS, CheckFailed, Ctx
 
-DETERMINISTIC_MAIN = ("import sys, torch; torch.backends.cudnn.deterministic = True; "
+# prctl(PR_SET_PDEATHSIG=1, SIGKILL=9): a trainer dies with this step's process (the runner's timeout kills the step
+# by its process group; each trainer has a group of its own, so that run B can be killed with its loader workers).
+DETERMINISTIC_MAIN = ("import ctypes, sys, torch; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
+                      "torch.backends.cudnn.deterministic = True; "
                       "torch.use_deterministic_algorithms(True, warn_only=True); "
                       "from train.__main__ import main; sys.exit(main(sys.argv[1:]))")
 SAVED = re.compile(r"checkpoint saved at step (\d+)")
@@ -39,7 +42,7 @@ def _argv(ctx: Ctx, out: Path) -> list[str]:
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            process_group=0)
 
 
 def _finish(p: subprocess.Popen, log: Path, what: str) -> None:
