@@ -154,6 +154,19 @@ def _podmonitor_patch(nproc: int, job_label: str, job_name: str, by_number: bool
             ], sort_keys=False)}
 
 
+def _networkpolicy_patch(job_label: str, job_name: str) -> dict:
+    """The training NetworkPolicy (k8s/training/common/networkpolicy.yaml) scoped to this job's pods: only they reach
+    its torchrun store and collectives, even with other jobs in the namespace."""
+    mine = {job_label: job_name}
+    return {"target": {"group": "networking.k8s.io", "version": "v1", "kind": "NetworkPolicy", "name": "seresnet-train"},
+            "patch": yaml.safe_dump([
+                {"op": "replace", "path": "/metadata/name", "value": job_name},
+                {"op": "replace", "path": "/spec/podSelector/matchLabels", "value": mine},
+                {"op": "replace", "path": "/spec/ingress/0/from/0/podSelector/matchLabels", "value": mine},
+                {"op": "replace", "path": "/spec/egress/0/to/0/podSelector/matchLabels", "value": mine},
+            ], sort_keys=False)}
+
+
 def _trainjob_ops(cfg, job_name: str) -> list[dict]:
     """TrainJob patches: nodes, processes and resources per node (spec.trainer), volumes in the runtime patch."""
     c = cfg.cluster
@@ -221,7 +234,8 @@ def render_training_job(cfg, out_dir: str | Path, kind: str = "pytorchjob", name
         + yaml.safe_dump(cluster_train_config(cfg, job_name, data_root), sort_keys=False))
 
     job_label = {"pytorchjob": "training.kubeflow.org/job-name", "trainjob": "jobset.sigs.k8s.io/jobset-name"}.get(kind, "job-name")
-    patches = [_podmonitor_patch(nproc, job_label, job_name, by_number=kind == "trainjob")]
+    patches = [_podmonitor_patch(nproc, job_label, job_name, by_number=kind == "trainjob"),
+               _networkpolicy_patch(job_label, job_name)]
     if kind == "trainjob":
         patches.append({"target": {"group": "trainer.kubeflow.org", "version": "v1alpha1", "kind": "TrainJob", "name": base_name},
                         "patch": yaml.safe_dump(_trainjob_ops(cfg, job_name), sort_keys=False)})

@@ -388,6 +388,58 @@ def test_network_policy_admits_only_the_gateway_and_prometheus(rendered):
             sources.append((ns, tuple(sorted(peer.get("podSelector", {}).get("matchLabels", {}).items())), tuple(ports)))
     assert sorted(sources) == [("gateway", (), (8000, 8001)),
                                ("monitoring", (("app.kubernetes.io/name", "prometheus"),), (8002,))]
+    assert egress_peers(np_) == [("kube-system", (("k8s-app", "kube-dns"),), (("TCP", 53), ("UDP", 53)))]
+
+
+def egress_peers(np_) -> list:
+    """(namespace or None for the policy's own, pod labels, ports) of every egress peer; an egress rule without `to`
+    (``egress: [{}]``) or a peer without selectors allows everything and fails here."""
+    peers = []
+    for rule in np_["spec"].get("egress", []):
+        assert rule.get("to"), f"an egress rule without `to` allows all egress: {rule}"
+        ports = tuple(sorted((p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])))
+        for peer in rule["to"]:
+            assert "ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels"), peer
+            ns = peer.get("namespaceSelector")
+            peers.append((ns["matchLabels"]["kubernetes.io/metadata.name"] if ns else None,
+                          tuple(sorted(peer["podSelector"]["matchLabels"].items())), ports))
+    return sorted(peers, key=str)
+
+
+TRAINING_OVERLAYS = ["ddp", "ddp-rdma", "deepspeed", "indexed-job", "trainjob"]
+
+
+@pytest.mark.parametrize("overlay", TRAINING_OVERLAYS)
+def test_training_pods_reach_only_their_job_dns_and_prometheus_and_mount_no_token(rendered, overlay):
+    """torchrun's c10d store and gloo/NCCL sockets are open to the job's pods only; Prometheus reaches the metrics
+    ports; egress goes to the job's pods and DNS; no service-account token is mounted where the kind allows it."""
+    objs = list(objects(rendered, f"k8s/training/overlays/{overlay}"))
+    pols = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert len(pols) == 1, [o["kind"] for o in objs]
+    np_ = pols[0]
+    me = (("app.kubernetes.io/name", "seresnet-train"),)
+    assert tuple(sorted(np_["spec"]["podSelector"]["matchLabels"].items())) == me
+    assert set(np_["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for obj in objs:
+        for tpl in pod_specs(obj):   # the policy selects every training pod
+            assert np_["spec"]["podSelector"]["matchLabels"].items() <= tpl["metadata"]["labels"].items(), obj["kind"]
+    ingress = []
+    for rule in np_["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits every pod in the cluster"
+        ports = tuple((p["port"], p.get("endPort")) for p in rule.get("ports", []))
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer and peer["podSelector"]["matchLabels"], peer
+            ns = peer.get("namespaceSelector")
+            ingress.append((ns["matchLabels"]["kubernetes.io/metadata.name"] if ns else None,
+                            tuple(sorted(peer["podSelector"]["matchLabels"].items())), ports))
+    assert sorted(ingress, key=str) == [("monitoring", (("app.kubernetes.io/name", "prometheus"),), ((9400, 9407),)),
+                                        (None, me, ())], ingress
+    assert egress_peers(np_) == [("kube-system", (("k8s-app", "kube-dns"),), (("TCP", 53), ("UDP", 53))),
+                                 (None, me, ())]
+    for obj in objs:
+        if obj["kind"] in ("PyTorchJob", "Job"):   # a TrainJob's pods take it from their ClusterTrainingRuntime
+            for tpl in pod_specs(obj):
+                assert tpl["spec"].get("automountServiceAccountToken") is False, obj["metadata"]["name"]
 
 
 # ---------------------------------------------------------------- training

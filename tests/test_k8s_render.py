@@ -66,6 +66,12 @@ def test_launch_k8s_renders_the_job_from_the_training_config(tmp_path, kubectl, 
     pm = next(o for o in objs if o["kind"] == "PodMonitor")
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == [f"metrics-{i}" for i in range(4)]
     assert pm["spec"]["selector"]["matchLabels"][job_label] == job["metadata"]["name"] == pm["metadata"]["name"]
+    # Only this job's pods reach its torchrun store and collectives (another job in the namespace does not).
+    pol = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    mine = {job_label: job["metadata"]["name"]}
+    assert pol["metadata"]["name"] == job["metadata"]["name"] and pol["spec"]["podSelector"]["matchLabels"] == mine
+    assert pol["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": mine}}]
+    assert pol["spec"]["egress"][0]["to"] == [{"podSelector": {"matchLabels": mine}}]
     # The ConfigMap the pods read IS the training config, with only the in-pod paths rewritten.
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
     assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"]
