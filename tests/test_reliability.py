@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import PY, ROOT, SMOKE_CONFIG, subprocess_env
-from train.checkpoint import CheckpointError, CheckpointManager, verify
+from train.checkpoint import SUMS, CheckpointError, CheckpointManager, seal_folder, verify, verify_folder
 
 pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 100_000))
@@ -51,14 +50,15 @@ def _steps(ckdir: Path) -> list[int]:
 
 
 def audit_checkpoints(ckdir: Path, log_text: str) -> dict:
-    """After a kill: every step file verifies, last/best verify or are skipped, and nothing acknowledged is lost."""
+    """After a kill, with no repair: every checkpoint (step files, last.pt, best.pt) verifies, and nothing acknowledged
+    is lost."""
     bad = []
     for p in sorted(ckdir.glob("*.pt")):
         try:
             verify(p)
         except CheckpointError:
             bad.append(p.name)
-    assert not [b for b in bad if b.startswith("step-")], f"a step checkpoint does not verify: {bad} (seed {SEED})"
+    assert not bad, f"checkpoints that do not verify after a kill: {bad} (seed {SEED})"
     tmp_left = len(list(ckdir.glob(".*.tmp")))
     acknowledged = max((int(s) for s in re.findall(r"checkpoint saved at step (\d+)", log_text)), default=0)
     found = CheckpointManager(ckdir).load_latest()
@@ -118,6 +118,10 @@ def test_sigkill_at_random_moments_during_checkpoint_writes_then_resume_equals_u
                 while time.time() < deadline and proc.poll() is None and not list(ck.glob(".step-*.tmp")):
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 0.2))
+            elif i == MIN_KILLS - 1:   # aimed at the last save, the one that also updates best.pt (end of the run)
+                while time.time() < deadline and proc.poll() is None and not list(ck.glob(".step-00000006.pt.*.tmp")):
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 1.2))
             else:
                 time.sleep(rng.uniform(0.0, 1.5))
             if proc.poll() is not None:
@@ -148,6 +152,8 @@ def test_sigkill_at_random_moments_during_checkpoint_writes_then_resume_equals_u
     assert a["global_step"] == b["global_step"] == 6
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k} (seed {SEED}): {m}")
+    verify(ck / "best.pt")   # the file export reads: complete, and the one the run evaluated last
+    assert torch.load(ck / "best.pt", weights_only=True)["global_step"] == 6
     print(f"\nRELIABILITY kill-storm seed={SEED} audits={audits} resumed={resumed[0].split('INFO')[-1].strip()}")
 
 
@@ -328,12 +334,15 @@ class _Evil:
         return (Path.write_text, (self.marker, "pickle code ran"))
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_deepspeed_resume_works_under_the_weights_only_loader_and_refuses_code(tiny_imagefolder, tmp_path):
     """ZeRO-1 fp32, one process: 2 steps, then the same output_dir to 4 steps resumes through DeepSpeed's own
-    load_checkpoint with our weights_only loader. Then the newest DeepSpeed model-states file is replaced by a pickle
-    that runs code, and the same command (the real resume path) is refused: the code never runs, nothing is trained."""
+    load_checkpoint with our weights_only loader; every tag carries a SHA256SUMS. A SIGKILL inside the next tag's save
+    leaves it unsealed, and the rerun falls back past it. Then torch.save'd payloads with rewritten checksums are
+    planted in the ZeRO optimizer-state file and in the model-states file: each rerun (the real resume path) is
+    refused, the code never runs, nothing is trained; with the files restored the run resumes and finishes."""
     out = tmp_path / "ds"
+    ds = out / "checkpoints" / "deepspeed"
     base = ("engine=deepspeed", "deepspeed.zero_stage=1", "train.precision=fp32", "metrics.enabled=false")
     r = run(train_cmd(tiny_imagefolder, out, *base, "train.max_steps=2"), timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -343,14 +352,44 @@ def test_deepspeed_resume_works_under_the_weights_only_loader_and_refuses_code(t
     assert resumed and "step-00000002" in resumed[0], r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["engine"] == "deepspeed" and report["resumed"] is True and report["steps"] == 4
-    tag = out / "checkpoints" / "deepspeed" / "step-00000004"
-    assert tag.is_dir() and (out / "checkpoints" / "deepspeed" / "latest").read_text().strip() == "step-00000004"
+    tag = ds / "step-00000004"
+    assert tag.is_dir() and (ds / "latest").read_text().strip() == "step-00000004"
+    verify_folder(tag)
 
-    model_states = next(tag.glob("*model_states.pt"))
-    ran = tmp_path / "pwned.txt"
-    model_states.write_bytes(pickle.dumps({"module": _Evil(ran)}))
+    # SIGKILL inside the save of step 5 (DeepSpeed writes its files in place, ~300 MB here): the tag stays unsealed.
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(train_cmd(tiny_imagefolder, out, *base, "train.max_steps=6",
+                                          "train.checkpoint_every_steps=1"),
+                                env=subprocess_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list((ds / "step-00000005").glob("*.pt")):
+            time.sleep(0.005)
+    finally:
+        _killpg(proc)
+    torn = ds / "step-00000005"
+    assert torn.is_dir() and not (torn / SUMS).exists(), (sorted(os.listdir(ds)), log_path.read_text()[-2000:])
+    assert (ds / "latest").read_text().strip() == "step-00000004", "latest never names an unfinished save"
+
+    # torch.save'd payloads (zip format, what DeepSpeed writes) whose unpickling runs code, planted one file at a time:
+    # the ZeRO optimizer-state file, then the model-states file. Each rerun must refuse, and the code never run.
+    for pattern in ("*optim_states.pt", "*model_states.pt"):
+        victim = next(tag.glob(pattern))
+        original = victim.read_bytes()
+        ran = tmp_path / f"pwned-{pattern[1:6]}.txt"
+        torch.save({"optimizer_state_dict": _Evil(ran), "module": _Evil(ran)}, victim)
+        seal_folder(tag)   # whoever planted it also rewrote the checksums: only the loader can refuse it
+        r = run(train_cmd(tiny_imagefolder, out, *base, "train.max_steps=6"), timeout=400)
+        assert not ran.exists(), f"the code planted in {victim.name} ran"
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "could not be loaded safely (Weights only load failed" in r.stderr, r.stderr[-3000:]
+        assert "step-00000005' has no SHA256SUMS (its save did not finish); falling back" in r.stderr, r.stderr[-3000:]
+        victim.write_bytes(original)
+        seal_folder(tag)
     r = run(train_cmd(tiny_imagefolder, out, *base, "train.max_steps=6"), timeout=400)
-    assert not ran.exists(), "the planted pickle's code ran"
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "could not be loaded safely (Weights only load failed" in r.stderr, r.stderr[-3000:]
-    assert json.loads((out / "report.json").read_text())["steps"] == 4, "nothing was trained on top of it"
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "step-00000004" in r.stderr, r.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["steps"] == 6
+    verify_folder(ds / "step-00000006")

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.checkpoint import CheckpointError, CheckpointManager, safe_load
+from train.checkpoint import (CheckpointError, CheckpointManager, newest_sealed_folder, safe_load, seal_folder,
+                              write_pointer)
 from train.config import Config
 from train.distributed import DistInfo, decide_on_main
 from train.optim import apply_hyperparameters, set_lr
@@ -172,8 +173,11 @@ class DeepSpeedBackend:
         client = {**meta, **{k: v for k, v in extra.items() if k not in ("model", "train_model")}}
         if "train_model" in extra:  # EMA on: DeepSpeed holds the raw weights, ``model`` the averaged ones
             client["ema_model"] = extra["model"]
-        self.engine.save_checkpoint(str(ds_dir), tag=f"step-{step:08d}", client_state=client)
-        if self.dinfo.is_main:
+        tag = f"step-{step:08d}"
+        self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=client, save_latest=False)
+        if self.dinfo.is_main:   # every rank's files are written (save_checkpoint ends in a barrier): checksum them
+            seal_folder(ds_dir / tag)
+            write_pointer(ds_dir / "latest", tag)   # DeepSpeed's pointer, written after the seal, atomically
             tags = sorted(p for p in ds_dir.glob("step-*") if p.is_dir())
             for old in tags[: -self.cfg.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -181,9 +185,9 @@ class DeepSpeedBackend:
 
     def resume(self, ckpt: CheckpointManager, out: Path) -> Optional[tuple[dict, str]]:
         ds_dir = out / "checkpoints" / "deepspeed"
-        # DeepSpeed's `latest` names the tag; rank 0 reads it and every rank loads that tag (its own ZeRO shard).
-        tag = decide_on_main(self.dinfo, lambda: (ds_dir / "latest").read_text().strip()
-                             if (ds_dir / "latest").is_file() else None)
+        # Rank 0 picks the newest tag whose SHA256SUMS verifies (a save a kill interrupted has none) and every rank
+        # loads that tag (its own ZeRO shard); none verifying is refused on every rank in one sentence.
+        tag = decide_on_main(self.dinfo, lambda: newest_sealed_folder(ds_dir) if ds_dir.is_dir() else None)
         if not tag:
             return None
         wait_visible(ds_dir / tag, None, self.dinfo.rank)
