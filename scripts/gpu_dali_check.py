@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,7 +22,9 @@ import numpy as np
 from serve.contract import CHECKED_IMAGE, DALI_PIPELINE_FILE, PREPROCESS
 from serve.export import export_onnx
 from serve.repository import write_model_repository
+from serve.repository_dali import UNCHECKED_ENV
 from serve.images import sample_image_bytes
+from train.compat import load_table
 from train.transforms import EvalSpec, decode_image, eval_transform
 
 AUTOSERIALIZE = """
@@ -54,8 +57,11 @@ def main(checkpoint: str, out_dir: str) -> int:
     if not torch.cuda.is_available():
         print("gpu_dali_check: no CUDA device; run it on a GPU machine.", file=sys.stderr)
         return 2
+    import nvidia.dali
+
     out = Path(out_dir)
     export_onnx(checkpoint, out / "export")
+    os.environ[UNCHECKED_ENV] = "1"   # this run is the check that turns the route on (serve/repository_dali.py)
     repo = write_model_repository(out / "export", out / "repo", "onnx", preprocess="dali")
     version = repo / PREPROCESS / "1"
     serialized = out / "model.dali"
@@ -85,7 +91,11 @@ def main(checkpoint: str, out_dir: str) -> int:
     for a in full:
         tf(decode_image(a.tobytes(), spec=spec))
     pil_ips = len(full) / (time.perf_counter() - t0)
-    res = {"gpu": torch.cuda.get_device_name(0), "images": len(names), "mean_grey_diff": float(grey.mean()),
+    serving = load_table()["serving"]
+    pinned = serving["rows"][serving["current"]]["dali"]
+    # Only a run with the pinned image's DALI may turn the route on (train/compat.yaml dali_checked).
+    res = {"gpu": torch.cuda.get_device_name(0), "dali": nvidia.dali.__version__, "pinned_image_dali": pinned,
+           "checks_the_pinned_image": nvidia.dali.__version__ == pinned, "images": len(names), "mean_grey_diff": float(grey.mean()),
            "max_grey_diff_small": float(grey[small].max()), "max_grey_diff_all": float(grey.max()),
            "batch": len(full), "dali_mixed_images_per_second": round(dali_ips, 1),
            "pil_one_core_images_per_second": round(pil_ips, 1), "ratio": round(dali_ips / pil_ips, 2)}

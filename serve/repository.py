@@ -26,7 +26,8 @@ from serve.errors import ServeError
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
 from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb as _pb, queue_limits, set_limits,
                                 set_param as _param)
-from serve.repository_dali import add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config
+from serve.repository_dali import (add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config,
+                                   require_checked_route)
 from serve.tensorrt_qdq import require_tensorrt_qdq
 from serve.tensorrt import check_plan, write_fp16_onnx
 
@@ -269,6 +270,8 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
     if preprocess == "dali" and target == "cpu":
         raise ServeError("--preprocess dali decodes on a GPU; use it with --target onnx or tensorrt "
                          "(the cpu and int8 targets decode with the python preprocess).")
+    if preprocess == "dali":
+        require_checked_route()   # before anything in out_dir changes
     if precision not in PRECISIONS:
         raise ServeError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
     if not Path(source).exists():

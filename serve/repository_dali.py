@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import train.dali_eval
 from serve.contract import (CHECKED_IMAGE, DALI_EVAL_FILE, DALI_PARAMS_FILE, DALI_PIPELINE_FILE, ENSEMBLE_INPUT,
                             EVAL_SPEC_FILE, GUARD, PIXELS, PREPROCESS)
+from serve.errors import ServeError
 from serve.model_config import add_batching, add_jpeg_warmup, pb, set_limits
+from train.compat import load_table
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"
+# Set by the check that runs the route (scripts/gpu_dali_check.py, the tests): writing is allowed before the route is
+# marked checked, since running it is how it gets checked.
+UNCHECKED_ENV = "SERESNET_DALI_UNCHECKED"
+
+
+def require_checked_route() -> None:
+    """The DALI route stays off until its dali.py has been run by the pinned image's DALI: the DALI backend
+    autoserializes dali.py with the image's own DALI at model load, not with the DALI the tests run (train/compat.yaml
+    `dali`); `make gpu-check` runs it (step dali_serving), and the table's `dali_checked` records that."""
+    serving = load_table()["serving"]
+    row = serving["rows"][serving["current"]]
+    if not row.get("dali_checked") and os.environ.get(UNCHECKED_ENV) != "1":
+        raise ServeError(f"the DALI route is off: its dali.py has not yet been run by DALI {row['dali']} of Triton "
+                         f"{serving['current']} (train/compat.yaml serving: dali_checked is false); run `make gpu-check` "
+                         "with that DALI (step dali_serving) and set dali_checked: true, or use --preprocess python.")
 DALI_THREADS = 4   # CPU threads of the DALI pipeline (JPEG headers, PNG decode stays on the CPU); 'mixed' decodes on the GPU
 
 

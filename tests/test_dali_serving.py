@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from PIL import Image
 from serve import contract as C
 from serve.errors import ServeError
 from serve.repository import parse_pbtxt, write_model_repository
+from serve.repository_dali import UNCHECKED_ENV
 from serve.images import sample_image_bytes
 from tests.conftest import require
 from train.transforms import EvalSpec, decode_image, eval_transform
@@ -33,7 +36,32 @@ def dali_repo(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("dali")
     export_onnx(make_checkpoint(d / "ckpt"), d / "export")
-    return write_model_repository(d / "export", d / "repo", "onnx", preprocess="dali")
+    with pytest.MonkeyPatch.context() as mp:   # these tests are part of checking the route (as gpu_dali_check is)
+        mp.setenv(UNCHECKED_ENV, "1")
+        return write_model_repository(d / "export", d / "repo", "onnx", preprocess="dali")
+
+
+def test_the_route_stays_off_until_the_pinned_images_dali_ran_it(dali_repo, tmp_path, monkeypatch):
+    """dali.py is autoserialized by the DALI of the Triton image (the table's), not the DALI the tests run: until
+    `make gpu-check` ran it with that DALI (dali_checked), writing the route is refused up front, nothing lost."""
+    from train.compat import load_table
+
+    serving = load_table()["serving"]
+    row = serving["rows"][serving["current"]]
+    monkeypatch.delenv(UNCHECKED_ENV, raising=False)
+    out = tmp_path / "repo"
+    shutil.copytree(dali_repo, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    if row["dali_checked"]:
+        pytest.skip("the pinned image's DALI has run the route (dali_checked)")
+    with pytest.raises(ServeError, match=rf"the DALI route is off: its dali.py has not yet been run by DALI {row['dali']}") as err:
+        write_model_repository(dali_repo.parent / "export", out, "onnx", preprocess="dali")
+    assert len(str(err.value).splitlines()) == 1 and "--preprocess python" in str(err.value)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    r = subprocess.run([sys.executable, "-m", "serve", "repository", "--export", str(dali_repo.parent / "export"),
+                        "--out", str(tmp_path / "cli"), "--target", "onnx", "--preprocess", "dali"],
+                       cwd=ROOT, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != UNCHECKED_ENV})
+    assert r.returncode == 2 and r.stderr.startswith("error: the DALI route is off") and "Traceback" not in r.stderr
 
 
 def test_dali_repository_layout_and_configs(dali_repo):
