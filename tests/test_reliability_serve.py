@@ -188,6 +188,7 @@ def test_every_listening_socket_of_the_local_server_is_loopback(served):
     # ... and from this host's other addresses the ports are closed.
     others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
               if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    assert others, "this host has no address besides loopback, so a connection from the network cannot be tried"
     for addr in others:
         for port in (server.http_port, server.grpc_port, server.metrics_port):
             with socket.socket() as sock:
