@@ -21,7 +21,7 @@ from scripts import bench_data, bench_serve, bench_train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = ROOT / "runs" / "demo" / "train" / "checkpoints" / "best.pt"  # what `make demo` trains
-ONLY = {"data": "data", "train": "training", "serve": "serving", "int8": "serving", "preprocess": "serving"}
+ONLY = {"data": "data", "train": "training", "serve": "serving", "int8": "serving", "preprocess": "serving", "served": "serving"}
 
 
 def machine() -> dict:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="output folder (bench.json); BENCHMARKS.md is written at the repo root")
     ap.add_argument("--quick", action="store_true", help="one repetition and shorter windows (a smoke run, noisier)")
-    ap.add_argument("--only", choices=sorted(ONLY), help="run one section (int8, preprocess: those serving figures only)")
+    ap.add_argument("--only", choices=sorted(ONLY), help="run one section (int8, preprocess, served: those serving figures only)")
     ap.add_argument("--checkpoint", help="serve a trained checkpoint (default: the demo's best.pt when `make demo` has "
                                          "run, else a randomly initialised demo-shaped model)")
     ap.add_argument("--data-root", help="ImageFolder for int8 calibration (train/) and drift (the full test/ split); "
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     if args.only in (None, "train"):
         print("[bench] training engine, precision ...", flush=True)
         result["sections"]["training"] = bench_train.run(out, quick=args.quick)
-    if args.only in (None, "serve", "int8", "preprocess"):
+    if args.only in (None, "serve", "int8", "preprocess", "served"):
         print("[bench] serving, export, quantization, preprocess ...", flush=True)
         sections = bench_serve.SECTIONS if args.only in (None, "serve") else (args.only,)
         result["sections"]["serving"] = bench_serve.run(out, quick=args.quick, checkpoint=args.checkpoint,

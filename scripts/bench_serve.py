@@ -1,7 +1,9 @@
 """Serving benchmark, every pair alternated and repeated (medians): ONNX Runtime vs PyTorch eager; static QDQ int8 vs
-fp32 (size, latency at batch 1 and 16, top-1 drift on the full test split); preprocess ms/image by format and size;
-the `classify` ensemble through tritonserver vs the same work in-process, decoding with the same parallelism as
-Triton's `preprocess` (serve.preprocess_instances worker processes) on both sides.
+fp32, both int8 files (size, latency at batch 1 and 16, top-1 drift on the full test split; the TensorRT file held to
+TensorRT's Q/DQ rules); preprocess ms/image by format and size; the `classify` ensemble through tritonserver vs the
+same work in-process, decoding with the same parallelism as Triton's `preprocess` (serve.preprocess_instances worker
+processes) on both sides; served int8 vs served fp32: `classify` at concurrency 16 on the labelled test split, img/s
+and top-1 of each.
 
 `run(out_dir, quick=False, checkpoint=None, data_root=None, sections=SECTIONS) -> dict` of flat figures (ratios end in
 _ratio/_speedup). Called by scripts/bench.py; `python -m scripts.bench_serve [--quick] [CHECKPOINT]` runs it alone.
@@ -24,17 +26,19 @@ import torch
 from torchvision import transforms as T
 
 from scripts import bench_inputs as benchdata
-from serve.contract import EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
+from serve.contract import EXPORT_INT8_CPU_ONNX, EXPORT_INT8_ONNX, EXPORT_ONNX, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
 from serve.export import WithSoftmax, export_onnx, load_checkpoint, ort_session
 from scripts.loadgen import run_load
 from scripts.perf import run_perf_analyzer
+from serve.evaluate import evaluate_folder
 from serve.quantize import compare_latency, drift, pixels, predict, quantize_int8, session
 from serve.repository import write_model_repository
 from serve.server import TritonServer
+from serve.tensorrt_qdq import check_tensorrt_qdq
 from train.transforms import EvalSpec, decode_image, eval_transform
 
-SECTIONS = ("model", "int8", "preprocess", "triton")
+SECTIONS = ("model", "int8", "preprocess", "triton", "served")
 CONCURRENCIES = (1, 4, 16)
 
 
@@ -143,7 +147,8 @@ def model_figures(model, onnx: Path, x: torch.Tensor, rounds: int, repeats: int)
 
 
 def int8_figures(export: Path, cfg, classes, data_root: Optional[Path], work: Path, quick: bool, rounds: int) -> dict:
-    """Static QDQ int8 vs fp32: calibrated on training images, drift on the full test split (or the sample photos)."""
+    """Static QDQ int8 vs fp32, the TensorRT file (int8_trt_*) and the CPU file (int8_cpu_*, what a CPU repository
+    serves): calibrated on training images, drift on the full test split (or the sample photos)."""
     if data_root is not None:
         calib, test = benchdata.split_files(data_root, "train"), benchdata.split_files(data_root, "test")
         source = f"{data_root}: train (calibration), full test split (drift)"
@@ -155,9 +160,8 @@ def int8_figures(export: Path, cfg, classes, data_root: Optional[Path], work: Pa
         calib, test, source = photos, photos, "sample photos (no data root: calibration and drift on 8 photos)"
     fp32, int8 = export / EXPORT_ONNX, export / EXPORT_INT8_ONNX
     out: dict = {"int8_data": source}
-    variants = ("int8",) if quick else ("int8", "uint8")  # uint8: ORT's CPU-only choice, not loadable by TensorRT
-    for act in variants:
-        path = int8 if act == "int8" else work / "model.u8.onnx"
+    for act in ("int8", "uint8"):  # int8: the TensorRT file (its rules checked while quantizing); uint8: the CPU file
+        path = int8 if act == "int8" else export / EXPORT_INT8_CPU_ONNX
         r = quantize_int8(fp32, path, calib, cfg, n=64 if quick else 256, validation_images=[], activations=act)
         x = pixels(test, cfg)
         p32, p8 = predict(session(fp32), x), predict(session(path), x)
@@ -165,17 +169,48 @@ def int8_figures(export: Path, cfg, classes, data_root: Optional[Path], work: Pa
         d = drift(p32, p8, labels)
         lat = compare_latency(fp32, path, x[:16], batch_sizes=(1, 16), threads=torch.get_num_threads(), rounds=rounds,
                               repeats=5 if quick else 10)
-        tag = "int8" if act == "int8" else "int8_u8act"
+        tag = "int8_trt" if act == "int8" else "int8_cpu"
         out.update({f"{tag}_quantize_s": r["quantize_seconds"], f"{tag}_vs_fp32_size_ratio": r["size_ratio"],
                     f"{tag}_test_images": d["images"], f"{tag}_top1_disagreement": d["top1_disagreement"]})
         if labels is not None:
             out.update({"fp32_test_top1": d["fp32_top1"], f"{tag}_test_top1": d["int8_top1"],
                         f"{tag}_top1_drop_points": d["top1_drop_points"]})
         for b in (1, 16):  # each variant against its own fp32 rounds (alternated with it)
-            fp = "fp32" if act == "int8" else f"{tag}_fp32"
+            fp = f"{tag}_fp32"
             out.update({f"{fp}_latency_ms_b{b}": lat[f"fp32_latency_ms_b{b}"], f"{tag}_latency_ms_b{b}": lat[f"int8_latency_ms_b{b}"],
                         f"{tag}_vs_fp32_b{b}_speedup": lat[f"int8_vs_fp32_b{b}_speedup"]})
     out["fp32_onnx_mb"], out["int8_onnx_mb"] = fp32.stat().st_size / 1e6, int8.stat().st_size / 1e6
+    out["int8_trt_tensorrt_rule_violations"] = len(check_tensorrt_qdq(int8))   # 0, or quantize_int8 had refused it
+    out["int8_cpu_tensorrt_rule_violations"] = len(check_tensorrt_qdq(export / EXPORT_INT8_CPU_ONNX))  # > 0: CPU only
+    return out
+
+
+def served_figures(export: Path, data_root: Optional[Path], work: Path, rounds: int, concurrency: int = 16) -> dict:
+    """Served int8 vs served fp32: the labelled test split through `classify` (the CPU repositories, as `serve
+    repository --target cpu` / `--target int8` write them) at ``concurrency``, both servers up, alternated per round;
+    img/s (medians of rounds) and top-1 of each."""
+    if data_root is None or not (Path(data_root) / "test").is_dir():
+        return {"served_note": "no labelled test split (pass --data-root or a trained checkpoint)"}
+    test = Path(data_root) / "test"
+    repos = {p: write_model_repository(export, work / f"served_{p}", "cpu", precision=p) for p in ("fp32", "int8")}
+    rates: dict = {p: [] for p in repos}
+    reports: dict = {}
+    with TritonServer(repos["fp32"], ready_timeout=240) as s32, TritonServer(repos["int8"], ready_timeout=240) as s8:
+        servers = {"fp32": s32, "int8": s8}
+        for r in range(rounds + 1):   # round 0 warms both paths up and is not timed
+            for p in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                t0 = time.perf_counter()
+                reports[p] = evaluate_folder(servers[p].grpc_url, test, "grpc", concurrency=concurrency, progress=False)
+                if r:
+                    rates[p].append(reports[p]["images"] / (time.perf_counter() - t0))
+    out = {"served_test_images": reports["fp32"]["images"], "served_concurrency": concurrency,
+           "served_errors": reports["fp32"]["errors"] + reports["int8"]["errors"]}
+    for p in repos:
+        out[f"served_{p}_c{concurrency}_img_per_s"] = _median(rates[p])
+        out[f"served_{p}_test_top1"] = reports[p]["top1"]
+    out[f"served_int8_vs_fp32_c{concurrency}_speedup"] = (out[f"served_int8_c{concurrency}_img_per_s"]
+                                                         / out[f"served_fp32_c{concurrency}_img_per_s"])
+    out["served_int8_top1_drop_points"] = 100 * (out["served_fp32_test_top1"] - out["served_int8_test_top1"])
     return out
 
 
@@ -239,15 +274,17 @@ def run(out_dir: Path, quick: bool = False, checkpoint: Optional[str | Path] = N
                          "serve_image_size": cfg.data.image_size, "serve_cpu_threads": torch.get_num_threads()}
         if "preprocess" in sections:
             figures.update(preprocess_costs(spec, rounds, 5 if quick else 20))
-        if not set(sections) & {"model", "int8", "triton"}:
+        if not set(sections) & {"model", "int8", "triton", "served"}:
             return figures
         export = work / "export"
         export_onnx(ckpt, export)
         if "model" in sections:
             x = torch.from_numpy(np.stack([eval_transform(spec)(decode_image(b, spec=spec)).numpy() for b in benchdata.photo_mix()]))
             figures.update(model_figures(model, export / EXPORT_ONNX, x, rounds, 5 if quick else 10))
-        if "int8" in sections or ("triton" in sections and not quick):
+        if "int8" in sections or "served" in sections or ("triton" in sections and not quick):
             figures.update(int8_figures(export, cfg, classes, Path(data_root) if data_root else None, work, quick, rounds))
+        if "served" in sections:
+            figures.update(served_figures(export, Path(data_root) if data_root else None, work, 2 if quick else 3))
         if "triton" in sections:
             for precision in ("fp32",) if quick else ("fp32", "int8"):
                 try:
