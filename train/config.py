@@ -154,6 +154,7 @@ class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Expose Prometheus training metrics.")
     port: int = Field(9400, ge=0, le=65535, description="Base port; rank r listens on port + local_rank (0 = a free port).")
     address: str = Field("127.0.0.1", description="Bind address (0.0.0.0 inside a pod).")
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars (loss, lr, images/s, val top-1) under <output_dir>/tensorboard on rank 0 (needs the tensorboard extra).")
 
 
 class ClusterConfig(_Section):

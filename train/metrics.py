@@ -15,7 +15,7 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
 class MetricsPortError(RuntimeError):
-    pass
+    """A metrics output (the Prometheus port, TensorBoard) the user asked for cannot be served, in one sentence."""
 
 
 class TrainingMetrics:
@@ -56,6 +56,36 @@ class TrainingMetrics:
     def update(self, **values: float) -> None:
         for name, value in values.items():
             getattr(self, name).labels(self.rank).set(value)
+
+
+class Board:
+    """TensorBoard scalars (metrics.tensorboard) under <output_dir>/tensorboard, written by rank 0 through torch's
+    SummaryWriter (torch/utils/tensorboard/writer.py; needs the ``tensorboard`` package: the extra of that name).
+    Off, or on another rank, every call is a no-op."""
+
+    TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_second": "train/images_per_second",
+            "val_top1": "val/top1", "val_top5": "val/top5"}
+
+    def __init__(self, log_dir: Optional[Path]):
+        self.writer = None
+        if log_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MetricsPortError("metrics.tensorboard=true needs the tensorboard package: pip install "
+                                       "'seresnet-stack[tensorboard]' (or tensorboard), or set metrics.tensorboard=false.") from None
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(self.TAGS[name], value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class JsonlWriter:
