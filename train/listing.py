@@ -69,11 +69,33 @@ def _subdirs(path: Path) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
+def class_name_problem(name: str) -> Optional[str]:
+    """Why a class folder name cannot be a label, or None. Labels go one per line into labels.txt and come back from
+    Triton's classification output as 'score:index:label': a line break shifts every later label, a ':' splits the
+    answer wrongly, a path separator or undecodable bytes name no folder the same way on another machine."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:   # os.scandir hands undecodable bytes back as surrogate escapes
+        return "bytes that are not UTF-8"
+    for chars, what in (("\n\r", "a line break"), (":", "a ':'"), ("/\\", "a path separator")):
+        if any(c in name for c in chars):
+            return what
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "a control character"
+    return None
+
+
 def list_classes(root: Path) -> list[str]:
     train_dir = root / "train"
     classes = _subdirs(train_dir)
     if not classes:
         raise DataError(f"'{train_dir}' has no class folders; expected {train_dir}/<class>/<image>.")
+    for name in classes:
+        problem = class_name_problem(name)
+        if problem:
+            raise DataError(f"Class folder {ascii(name)} in '{train_dir}' has {problem} in its name, which would shift or "
+                            f"split the served labels (labels.txt, 'score:index:label'); rename it (and its val/ and "
+                            f"test/ folders) to letters, digits, spaces, '-', '_' or '.'.")
     return classes
 
 
