@@ -25,4 +25,5 @@ def test_tensorboard_scalars_read_back(tiny_imagefolder, tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4]
     (val,) = acc.Scalars("val/top1")   # the one epoch end, at step 4; the report's val is the best checkpoint's
     assert val.step == 4 and 0.0 <= val.value <= 1.0 and "val_top1" in report
+    assert report["provenance"]["data_fingerprint"] and report["provenance"]["config_fingerprint"]
     assert all(e.value > 0 for e in acc.Scalars("train/lr"))

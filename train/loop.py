@@ -22,6 +22,7 @@ from train.checkpoint import safe_load
 from train.data import build_train_loader
 from train.distributed import all_reduce_mean, barrier
 from train.evaluate import write_report
+from train.provenance import dataset_fingerprint, provenance
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def finish(t, resumed: bool, train_time: float, images: int) -> dict:
                  "device": str(d.device), "precision": t.precision, "data_backend": t.data_backend,
                  "model": cfg.model.name, "ema_decay": cfg.train.ema_decay, "time_budget": cfg.train.time_budget,
                  "budget": p.budget.state() if p.budget else None, "best_checkpoint": str(t.ckpt.best),
-                 "nan_skipped_steps": t.nan_skips}
+                 "nan_skipped_steps": t.nan_skips,
+                 "provenance": provenance(cfg.to_dict(), dataset_fingerprint(cfg.data.root, t.classes, t.data.splits))}
         report = write_report(t.out, t.classes, results, extra)
         if "test_top1" in report:
             log.info("test top-1 %.2f%% (%d images); report: %s", 100 * report["test_top1"], report["test_images"],
