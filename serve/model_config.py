@@ -10,6 +10,23 @@ from __future__ import annotations
 # (serve/client.py). `serve.max_queue_size` / `serve.queue_timeout_ms` in a serving spec override both.
 QUEUE_BATCHES = 4
 QUEUE_TIMEOUT_MS = 5000
+# The python decode models (preprocess; guard on the DALI route) get a whole dynamic batch of requests in their stub's
+# shared-memory region at once, and every stub shares the pod's /dev/shm: their batch is bounded here (decode runs
+# one image at a time per instance anyway; parallelism comes from instances), so /dev/shm needs at most
+# instances x PYTHON_MAX_BATCH x (MAX_REQUEST_BYTES + output bytes) (python_shm_bytes; k8s/serving/base/deployment.yaml
+# sizes the volume with it, tests/test_k8s_manifests.py checks). The ensemble's batch is the same (Triton refuses an
+# ensemble whose max_batch_size exceeds a step's); the classifier still batches up to serve.max_batch_size.
+PYTHON_MAX_BATCH = 4
+STUB_SHM_BYTES = 1 << 20   # the python backend's default region per stub (shm-default-byte-size)
+
+
+def python_batch(serve_cfg) -> int:
+    return min(PYTHON_MAX_BATCH, int(serve_cfg.max_batch_size))
+
+
+def python_shm_bytes(instances: int, max_batch: int, input_bytes: int, output_bytes: int) -> int:
+    """/dev/shm a python model can hold at once: every instance with a full batch of largest requests in flight."""
+    return int(instances) * (int(max_batch) * (int(input_bytes) + int(output_bytes)) + STUB_SHM_BYTES)
 
 
 def pb():
@@ -29,9 +46,9 @@ def queue_limits(serve_cfg) -> tuple[int, int]:
 
 
 def add_batching(cfg, serve_cfg) -> None:
-    """Dynamic batching (preferred sizes, queue delay) with the bounded REJECT queue above (ModelQueuePolicy of
-    Triton's model_config.proto: timeout_action, default_timeout_microseconds, max_queue_size)."""
-    sizes = [s for s in serve_cfg.preferred_batch_sizes if s <= serve_cfg.max_batch_size]
+    """Dynamic batching (preferred sizes up to the model's max_batch_size, queue delay) with the bounded REJECT queue
+    above (ModelQueuePolicy of Triton's model_config.proto: timeout_action, default_timeout_microseconds, max_queue_size)."""
+    sizes = [s for s in serve_cfg.preferred_batch_sizes if s <= min(serve_cfg.max_batch_size, cfg.max_batch_size or s)]
     batching = cfg.dynamic_batching
     batching.preferred_batch_size.extend(sizes)
     batching.max_queue_delay_microseconds = serve_cfg.max_queue_delay_us

@@ -24,8 +24,8 @@ from serve.contract import (CHECKED_IMAGE, CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE
                             PREPROCESS, PREPROCESS_BACKENDS, REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
 from serve.errors import ServeError
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
-from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb as _pb, queue_limits, set_limits,
-                                set_param as _param)
+from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb as _pb, python_batch, queue_limits,
+                                set_limits, set_param as _param)
 from serve.repository_dali import (add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config,
                                    require_checked_route)
 from serve.tensorrt_qdq import require_tensorrt_qdq
@@ -85,7 +85,7 @@ def preprocess_config(serve_cfg, image_size: int, warmup_bytes: int, instances: 
     """ModelConfig of `preprocess`: the decode limits as parameters; the eval-transform spec is eval_spec.json beside model.py."""
     mc = _pb()
     s = serve_cfg
-    cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=s.max_batch_size)
+    cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=python_batch(s))   # /dev/shm bound
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
     _batching(cfg, s)
@@ -117,7 +117,7 @@ def ensemble_config(serve_cfg, num_classes: int, with_postprocess: bool, with_gu
     """`classify`: image bytes [-> guard] -> preprocess -> se_resnet50 [-> postprocess]; top-k through the
     classification extension. The guard step comes with the DALI preprocess."""
     mc = _pb()
-    cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=serve_cfg.max_batch_size)
+    cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=python_batch(serve_cfg))  # <= its steps
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
     cfg.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[num_classes], label_filename="labels.txt")
     steps = cfg.ensemble_scheduling.step

@@ -14,7 +14,7 @@ import train.dali_eval
 from serve.contract import (CHECKED_IMAGE, DALI_EVAL_FILE, DALI_PARAMS_FILE, DALI_PIPELINE_FILE, ENSEMBLE_INPUT,
                             EVAL_SPEC_FILE, GUARD, PIXELS, PREPROCESS)
 from serve.errors import ServeError
-from serve.model_config import add_batching, add_jpeg_warmup, pb, set_limits
+from serve.model_config import add_batching, add_jpeg_warmup, pb, python_batch, set_limits
 from train.compat import load_table
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"
@@ -39,7 +39,7 @@ DALI_THREADS = 4   # CPU threads of the DALI pipeline (JPEG headers, PNG decode 
 def guard_config(serve_cfg, instances: int, max_request_bytes: int):
     """ModelConfig of `guard`: the byte, format, header-pixel and completeness checks; passes the bytes through."""
     mc = pb()
-    cfg = mc.ModelConfig(name=GUARD, backend="python", max_batch_size=serve_cfg.max_batch_size)
+    cfg = mc.ModelConfig(name=GUARD, backend="python", max_batch_size=python_batch(serve_cfg))   # /dev/shm bound
     # ragged: single-image requests of different byte lengths batch together (each request is checked on its own)
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     cfg.output.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1])

@@ -289,6 +289,45 @@ def test_shared_plan_cache_component_takes_the_storage_class(kubectl, tmp_path):
     assert vols["plan-cache"] == {"name": "plan-cache", "persistentVolumeClaim": {"claimName": "triton-plan-cache"}}
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9}
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", str(quantity))
+    return int(m[1]) * units.get(m[2], 1)
+
+
+def test_dev_shm_holds_every_python_models_worst_case(rendered):
+    """/dev/shm (memory-backed; a pod over its sizeLimit is evicted) holds every python stub's worst case at once:
+    instances x batch x (largest request + output) + the stub's own region, for the configs the image ships
+    (train/configs/imagenet.yaml limits, instances = the triton container's CPU request), python and DALI routes."""
+    from types import SimpleNamespace
+
+    from serve.model_config import python_shm_bytes
+    from serve.repository import default_max_request_bytes, postprocess_config, preprocess_config
+    from serve.repository_dali import guard_config
+    from train.config import load_config
+
+    spec = _prod(rendered, "Deployment")["spec"]["template"]["spec"]
+    triton = spec["containers"][0]
+    instances = int(str(triton["resources"]["requests"]["cpu"]))
+    dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]
+    assert dshm["medium"] == "Memory" and {"name": "dshm", "mountPath": "/dev/shm"} in triton["volumeMounts"]
+    cfg = load_config("imagenet")
+    s = SimpleNamespace(**cfg.serve.model_dump())
+    size, classes, request = cfg.data.image_size, 1000, default_max_request_bytes(s)
+    pixels = 3 * size * size * 4
+    pre, post = preprocess_config(s, size, 100, instances, request), postprocess_config(s, classes)
+    guard = guard_config(s, instances, request)
+    assert int(pre.parameters["MAX_REQUEST_BYTES"].string_value) == request
+    post_bytes = python_shm_bytes(1, post.max_batch_size, 4 * classes, 4 * classes)
+    routes = {"python": python_shm_bytes(instances, pre.max_batch_size, request, pixels) + post_bytes,
+              "dali": python_shm_bytes(instances, guard.max_batch_size, request, request) + post_bytes}
+    for route, need in routes.items():
+        assert need <= _bytes(dshm["sizeLimit"]), f"{route} route needs {need / 2**30:.2f} GiB of /dev/shm, sizeLimit {dshm['sizeLimit']}"
+    # The bound is what makes it fit: at the classifier's batch (64) the python route alone would need ~30 GB.
+    assert python_shm_bytes(instances, s.max_batch_size, request, pixels) > 4 * _bytes(dshm["sizeLimit"])
+    assert _bytes(triton["resources"]["limits"]["memory"]) >= 2 * _bytes(dshm["sizeLimit"])   # tmpfs pages count here
+
+
 def test_service_servicemonitor_hpa_and_adapter_fit_together(rendered):
     svc, sm, hpa = _prod(rendered, "Service"), _prod(rendered, "ServiceMonitor"), _prod(rendered, "HorizontalPodAutoscaler")
     dep = _prod(rendered, "Deployment")

@@ -129,7 +129,7 @@ def test_every_config_pbtxt_parses_as_model_config(export_dir, tmp_path, target)
         assert post.backend == "python" and post.dynamic_batching.max_queue_delay_microseconds == 2000
     ens = configs[C.ENSEMBLE]
     assert ens.platform == "ensemble" and ens.input[0].name == C.ENSEMBLE_INPUT and list(ens.input[0].dims) == [-1]
-    assert ens.max_batch_size == 32 and ens.input[0].data_type == 2  # TYPE_UINT8
+    assert ens.max_batch_size == 4 and ens.input[0].data_type == 2  # TYPE_UINT8; <= the python preprocess (/dev/shm bound)
     assert [s.model_name for s in ens.ensemble_scheduling.step] == [C.PREPROCESS, C.CLASSIFIER] + ([] if python_classifier else [C.POSTPROCESS])
     pre = configs[C.PREPROCESS]
     params = {k: v.string_value for k, v in pre.parameters.items()}
