@@ -96,6 +96,37 @@ def test_launch_k8s_renders_the_row_image_for_each_of_its_archs(row):
     assert f":0.1.0-{r['tag_suffix']}" in text, f"{r['dockerfile']}: the build command does not tag -{r['tag_suffix']}"
 
 
+def driver_floor(r: dict) -> str:
+    """The driver cell of docs/cluster.md's image table, from the row: the native floor and the forward-compatible
+    branches the image's base admits below it."""
+    branches = r.get("compat_driver_branches") or []
+    return f">= {r['min_driver']}" + (f", or a {' / '.join(branches)} branch (forward compatibility)" if branches else "")
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_driver_floor_is_the_one_the_cuda_base_admits(row):
+    """A CUDA X.Y base image admits a driver that supports X.Y itself: CUDA 12.6 needs >= 560.28.03 and 13.0 needs
+    >= 580.65.06 (CUDA toolkit release notes, table 3); lower branches only through forward compatibility, listed."""
+    r = ROWS[row]
+    native = {"12.6": "560.28.03", "13.0": "580.65.06"}[r["cuda"]]
+    assert r["min_driver"] == native, f"train/compat.yaml {row}: min_driver {r['min_driver']}, CUDA {r['cuda']} needs {native}"
+    assert all(int(b) < int(native.split(".")[0]) for b in r.get("compat_driver_branches") or [])
+    _, _, text = dockerfile_args(r["dockerfile"])
+    for branch in r.get("compat_driver_branches") or []:
+        assert f"{branch}" in text, f"{r['dockerfile']}: does not name the {branch} branch its base admits"
+    assert "525.60.13" not in text, f"{r['dockerfile']}: 525.60.13 is refused by the CUDA 12.6 base (not a floor)"
+
+
+def test_pyproject_dali_extra_is_the_extras_row_wheel():
+    """`pip install '.[dali]'` next to PyPI's torch (the cu130 build) gets the DALI wheel of the same CUDA major."""
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    row = ROWS[TABLE["extras_row"]]
+    assert extras["dali"] == [f"{row['dali_package']}=={TABLE['dali']}"], \
+        f"pyproject.toml: dali extra {extras['dali']}, train/compat.yaml extras_row {TABLE['extras_row']} says {row['dali_package']}"
+    if torch.version.cuda:   # this venv's torch is the PyPI build: the row it follows
+        assert torch.version.cuda.split(".")[0] == row["cuda"].split(".")[0], (torch.version.cuda, row["cuda"])
+
+
 def test_docs_cluster_image_table_matches():
     text = (REPO_ROOT / "docs" / "cluster.md").read_text()
     rows = {}
@@ -106,7 +137,7 @@ def test_docs_cluster_image_table_matches():
     assert set(rows) == set(ROWS), f"docs/cluster.md: image table rows {sorted(rows)}, train/compat.yaml has {sorted(ROWS)}"
     for row, r in ROWS.items():
         name, dockerfile, suffix, archs, cuda, driver = rows[row][:6]
-        want = (r["dockerfile"], r["tag_suffix"], ", ".join(r["archs"]), r["cuda"], f">= {r['min_driver']}")
+        want = (r["dockerfile"], r["tag_suffix"], ", ".join(r["archs"]), r["cuda"], driver_floor(r))
         got = (dockerfile, suffix, archs, cuda, driver)
         assert got == want, f"docs/cluster.md: image row {row} says {got}, train/compat.yaml says {want}"
     assert f"torch {TABLE['torch']}" in text, f"docs/cluster.md: does not name torch {TABLE['torch']}"

@@ -158,6 +158,16 @@ class DeepSpeedBackend:
     def step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()
+        # fp16 at ZeRO 1/2: DeepSpeed's ZeRO optimizer finds the overflow and skips the step, but returns before the
+        # only GradScaler.step/update of torch_autocast (deepspeed/runtime/zero/stage_1_and_2.py, step() and
+        # _optimizer_step(), 0.19.8), so the scale would never fall and every later step would be skipped too: back
+        # it off here as GradScaler.update does on an inf (ZeRO 0 runs its GradScaler in full: nothing to do).
+        zero = self.engine.optimizer
+        scaler = getattr(zero, "torch_autocast_gradscaler", None)
+        if scaler is not None and getattr(zero, "overflow", False):
+            state = scaler.state_dict()
+            state.update(scale=state["scale"] * state["backoff_factor"], _growth_tracker=0)
+            scaler.load_state_dict(state)
 
     def skip_step(self) -> None:
         self.engine.zero_grad()

@@ -273,15 +273,6 @@ def decide(cfg: Config, facts: Facts, engine: Optional[str] = None) -> Plan:
             problems.append("deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the weights themselves, so the "
                             "checkpoints we export (best.pt) would hold empty tensors; use zero_stage 0, 1 or 2 "
                             "(SE-ResNet50's 28 M parameters fit any GPU).")
-        if precision == "fp16" and cfg.deepspeed.zero_stage >= 1:
-            # deepspeed/runtime/zero/stage_1_and_2.py (0.19.8) step(): an overflowing step returns before the only
-            # GradScaler.step/update of torch_autocast, so the scale never falls (stage 0 runs the scaler itself).
-            why = " (precision auto on this GPU)" if t.precision == "auto" else ""
-            problems.append(f"train.precision=fp16{why} with engine=deepspeed at deepspeed.zero_stage="
-                            f"{cfg.deepspeed.zero_stage} is refused because DeepSpeed's ZeRO-1/2 optimizer skips an "
-                            f"overflowing step without lowering the loss scale, so every later step would be skipped "
-                            f"too; set deepspeed.zero_stage=0 (DeepSpeed then runs the GradScaler itself), use "
-                            f"engine=ddp, or set train.precision=fp32.")
         if t.grad_compression != "none":
             problems.append("train.grad_compression is a DDP communication hook; with engine=deepspeed set it to none "
                             "(DeepSpeed already reduces mixed-precision gradients in their low-precision dtype).")

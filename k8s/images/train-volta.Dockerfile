@@ -9,9 +9,10 @@
 # Why a separate Volta image: PyTorch builds sm_70 (V100) kernels only into its CUDA 12.6 wheels since 2.11, and
 # 2.14.x is the last release with a cu126 build (2.15 removes it: pytorch/pytorch#172352, #190385); the cu130 wheel
 # has no sm_70 kernels, so on a V100 its first kernel fails. The CUDA 12.6 base carries the matching runtime and
-# sets NVIDIA_REQUIRE_CUDA=cuda>=12.6, so the NVIDIA container toolkit refuses to start the container on a node
-# whose driver is too old (>= 525.60.13 with CUDA 12 minor-version compatibility) instead of torch silently
-# finding no GPU. The torch wheel bundles its own CUDA 12.6 libraries (nvidia-* wheels); only the driver comes
+# sets NVIDIA_REQUIRE_CUDA=cuda>=12.6 (with brand=...,driver>=470,driver<471 entries for the 470, 535 and 550
+# branches), so the NVIDIA container toolkit starts the container on a driver >= 560.28.03, or on a 470, 535 or 550
+# branch driver through the image's CUDA forward-compatibility libraries (datacenter GPUs such as the V100), and
+# refuses every other driver below 560 instead of torch silently finding no GPU (train/compat.yaml). The torch wheel bundles its own CUDA 12.6 libraries (nvidia-* wheels); only the driver comes
 # from the node.
 FROM nvidia/cuda:12.6.3-base-ubuntu24.04
 
