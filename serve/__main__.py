@@ -67,14 +67,16 @@ def _trt(a) -> int:
 def _repository(a) -> int:
     if bool(a.export) == bool(a.checkpoint):
         raise ServeError("pass exactly one of --export (a folder from 'python -m serve export') or --checkpoint.")
-    from serve.repository import write_model_repository
+    from serve.repository_versions import write_versioned_repository
 
-    out = write_model_repository(a.export or a.checkpoint, a.out, a.target, precision=a.precision, onnx_path=a.onnx,
-                                 plan=a.plan, plan_cc=a.plan_cc, ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads,
-                                 preprocess=a.preprocess, max_queue_size=a.max_queue_size, queue_timeout_ms=a.queue_timeout_ms)
+    out = write_versioned_repository(a.export or a.checkpoint, a.out, version=a.version, version_policy=a.version_policy,
+                                     serve_overrides=a.overrides, target=a.target, precision=a.precision, onnx_path=a.onnx,
+                                     plan=a.plan, plan_cc=a.plan_cc, ort_tensorrt=a.ort_tensorrt, ort_threads=a.ort_threads,
+                                     preprocess=a.preprocess, max_queue_size=a.max_queue_size, queue_timeout_ms=a.queue_timeout_ms)
     meta = json.loads((out / "repository.json").read_text())
     print(f"[repository] {out} (target {meta['target']}, {meta['precision']}): models {', '.join(meta['models'])}; "
-          f"serve it with: python -m serve up --repository {a.out}")
+          f"{meta['models'][0]} versions {meta['versions']} ({meta['version_policy']}); "
+          f"serve it with: seresnet serve up --repository {a.out}")
     return 0
 
 
@@ -181,6 +183,14 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "default 4 x max_batch_size)")
     r.add_argument("--queue-timeout-ms", type=int, default=None,
                    help="a request waiting longer than this in a model's queue is rejected (default 5000)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
+                   help="override a serving setting the checkpoint froze, repeatable: serve.max_batch_size, "
+                        "serve.preferred_batch_sizes, serve.max_queue_delay_us, serve.instances, serve.preprocess_instances, "
+                        "serve.max_image_bytes, serve.max_image_pixels, serve.max_request_bytes")
+    r.add_argument("--version", type=int, default=1,
+                   help="write the classifier as this version folder (se_resnet50/N/); the versions already in --out stay")
+    r.add_argument("--version-policy", help="which versions Triton loads: latest:N, all or specific:V1,V2 (default: "
+                                            "Triton's latest:1)")
     r.set_defaults(func=_repository)
 
     u = sub.add_parser("up", help="Run tritonserver in the foreground on 127.0.0.1 until SIGTERM.")

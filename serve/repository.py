@@ -23,6 +23,7 @@ from serve.contract import (CHECKED_IMAGE, CLASSIFIER, DEFAULT_GPU_CCS, ENSEMBLE
                             OUTPUT_NAME, PIXELS, POSTPROCESS, PRECISIONS,
                             PREPROCESS, PREPROCESS_BACKENDS, REPOSITORY_MARKER, REPOSITORY_TARGETS, TARGETS, plan_filename)
 from serve.errors import ServeError
+from serve.settings import serve_settings
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
 from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb as _pb, python_batch, queue_limits,
                                 set_limits, set_param as _param)
@@ -245,7 +246,8 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
                            plan_cc: Optional[str] = None, ort_tensorrt: bool = False, ort_threads: int = 0,
                            preprocess_instances: Optional[int] = None, images=None,
                            max_request_bytes: Optional[int] = None, preprocess: str = "python",
-                           max_queue_size: Optional[int] = None, queue_timeout_ms: Optional[int] = None) -> Path:
+                           max_queue_size: Optional[int] = None, queue_timeout_ms: Optional[int] = None,
+                           serve_overrides: Optional[list[str]] = None) -> Path:
     """Write a servable, self-contained Triton repository into ``out_dir`` and return its path.
 
     ``source``: an export folder (``python -m serve export``: model.onnx [+ model.int8.onnx], serving_spec.json,
@@ -259,7 +261,7 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
     REJECT queue (default serve/model_config.py). ``preprocess``: 'python' (PIL, the training
     eval transform; any target) or 'dali' (GPU targets: `guard` checks each request without decoding, then DALI
     decodes on the GPU with the trainer's DALI eval graph). ``out_dir`` must be new, empty or a repository this
-    writer made.
+    writer made. ``serve_overrides``: ``serve.KEY=VALUE`` items over the export's serving settings (serve/settings.py).
     """
     if target == "int8":
         target, precision = "cpu", "int8"
@@ -288,7 +290,7 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
             raise ServeError(f"ONNX model '{onnx}' does not exist; write it with {hint} first.")
         if precision == "int8" and target != "cpu":  # the init container builds a TensorRT plan from this file
             require_tensorrt_qdq(onnx, f"'{onnx}'")
-        classes, ev, s = spec["classes"], spec["eval"], SimpleNamespace(**spec["serve"])
+        classes, ev, s = spec["classes"], spec["eval"], SimpleNamespace(**serve_settings(spec["serve"], serve_overrides or []))
         s.max_queue_size = max_queue_size or getattr(s, "max_queue_size", None)
         s.queue_timeout_ms = queue_timeout_ms or getattr(s, "queue_timeout_ms", None)
         n, size = len(classes), int(ev["image_size"])
@@ -323,6 +325,7 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
             "source": Path(source).resolve().name, "checkpoint": builder_paths_removed(spec.get("checkpoint")), "target": target,
             "precision": precision, "preprocess": preprocess, "classes": classes, "eval_spec": ev,
             "onnx_sha256": hashlib.sha256(onnx.read_bytes()).hexdigest(),
+            "serve": vars(s), "serve_overrides": list(serve_overrides or []),   # the settings served, after --set
             "limits": {"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
                        "max_request_bytes": request_cap, "max_queue_size": queue_limits(s)[0],
                        "queue_timeout_ms": queue_limits(s)[1] // 1000},
