@@ -155,7 +155,9 @@ def serving_dashboard():
             (per_request("nv_inference_compute_infer_duration_us", steps), "{{model}} compute"),
         ], x=0, y=20, unit="s",
             description="The step whose queue time grows is the bottleneck: preprocess (CPU decode, one instance per "
-                        "CPU core the pod requests) or se_resnet50 (GPU)."),
+                        "CPU core the pod requests) or se_resnet50 (GPU). A step waits up to its batching delay "
+                        "(serve.max_queue_delay_us) even when idle; TritonQueueTimeGrowing fires when a step's mean "
+                        "queue time stays above 5 ms (10x the 500 us delay) for 10 minutes."),
         _timeseries(g, f"HPA signal: queue time per classify request per pod ({HPA_METRIC})", [
             (f"sum by (pod) (rate(nv_inference_queue_duration_us{{{COMPOSING},{sel}}}[$__rate_interval]) / clamp_min("
              f"rate(nv_inference_request_success{{{COMPOSING},{sel}}}[$__rate_interval]), 1e-9))", "{{pod}}"),
@@ -163,20 +165,24 @@ def serving_dashboard():
             description="What the HPA scales on (prometheus-adapter values in k8s/monitoring/prometheus-adapter/): the mean "
                         "queue time of a request summed over classify's composing models, per pod; target in "
                         "k8s/serving/base/hpa.yaml."),
-        _timeseries(g, "Pending requests and queue / compute ratio per composing model", [
+        _timeseries(g, "Pending requests per composing model", [
             (f'seresnet:triton_pending_requests{{{ns},model=~"$model"}}', "{{model}} pending"),
-            (f'seresnet:triton_queue_compute_ratio:5m{{{ns},model=~"$model"}}', "{{model}} queue/compute"),
-        ], x=0, y=28, description="TritonQueueTimeGrowing fires when a step's queue/compute stays above 1 for 10 minutes."),
-        _timeseries(g, "Failed classify requests by reason, and client rejections", [
-            # Triton 2.51 adds the failing composing model's failure to the ensemble's: 2 per failed request.
+        ], x=0, y=28, description="Requests waiting in each step's queue; a step that stays at its queue bound "
+                                  "(serve max_queue_size) refuses more with 'Exceeds maximum queue size'."),
+        _timeseries(g, "Failed classify requests by reason, shed requests and client rejections", [
+            # The ensemble counts each failed request twice, as reason OTHER whatever the cause (see the rule file).
             (f"sum by (model, reason) (rate(nv_inference_request_failure{{{ens}}}[$__rate_interval])) / 2", "{{model}} {{reason}}"),
+            (f'sum by (model) (rate(nv_inference_request_failure{{{steps},reason="REJECTED"}}[$__rate_interval]))',
+             "shed by the queue of {{model}}"),
             (f"sum by (reason) (rate(seresnet_preprocess_rejected_total{{{sel}}}[$__rate_interval])) or vector(0)",
              "client image rejected: {{reason}}"),
         ], x=12, y=28, unit="reqps",
-            description="Client rejections (undecodable or oversize images, INVALID_ARG) are part of the classify "
-                        "failures; the server error ratio leaves them out."),
-        _timeseries(g, "Server vs client error ratio (5m)", [
+            description="Client rejections (undecodable or oversize images, INVALID_ARG) and requests a composing "
+                        "model's queue timed out (reason REJECTED, counted by that model) are part of the classify "
+                        "failures; the server error ratio leaves both out."),
+        _timeseries(g, "Server error, shed and client rejection ratios (5m)", [
             (f"seresnet:triton_error_ratio:5m{{{ns}}}", "{{model}} server errors (pages above 1%)"),
+            (f'seresnet:triton_shed_ratio:5m{{{ns},model=~"$model"}}', "shed by {{model}} (warns above 1%)"),
             (f"seresnet:triton_client_error_ratio:5m{{{ns}}}", "{{model}} client rejections (warns above 5%)"),
         ], x=0, y=36, unit="percentunit"),
         _timeseries(g, "Non-finite predictions (NaN/inf probabilities)", [

@@ -19,7 +19,7 @@ from launch.torchrun import REPO_ROOT
 PROMTOOL = Path(sys.executable).parent.parent / "tools" / "prometheus" / "usr" / "bin" / "promtool"
 RULE_TESTS = m.RULES_FILE.with_name("seresnet.rules.test.yaml")
 REQUIRED_ALERTS = {"TritonLatencyP99High", "TritonErrorRatioHigh", "TritonClientRejectionsHigh", "TritonQueueTimeGrowing",
-                   "TritonNoReadyPod", "TrainingThroughputStalled", "PredictionConfidenceDrift", "PredictionsNotFinite"}
+                   "TritonLoadShedding", "TritonNoReadyPod", "TrainingThroughputStalled", "PredictionConfidenceDrift", "PredictionsNotFinite"}
 REQUEST_LEVEL = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_request_duration_us",
                  "nv_inference_request_summary_us")
 QUEUE_LEVEL = ("nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count")
@@ -152,10 +152,56 @@ def test_a_ready_staging_pod_would_hide_production_without_namespace(promtool, t
     rc, out = _mutated_rule_tests(promtool, tmp_path, "sum by (namespace) (rate(seresnet_preprocess_rejected_total[5m]))",
                                   "sum(rate(seresnet_preprocess_rejected_total[5m]))", "TritonErrorRatioHigh")
     assert rc != 0 and "staging's client rejections never offset production's server errors" in out
-    rc, out = _mutated_rule_tests(promtool, tmp_path, f"rate(nv_inference_queue_duration_us{{{m.COMPOSING}}}[5m]))\n          /",
-                                  f'rate(nv_inference_queue_duration_us{{model="{m.CLASSIFIER}"}}[5m]))\n          /',
+    rc, out = _mutated_rule_tests(promtool, tmp_path, f"rate(nv_inference_queue_duration_us{{{m.COMPOSING}}}[5m])) / 1e6",
+                                  f'rate(nv_inference_queue_duration_us{{model="{m.CLASSIFIER}"}}[5m])) / 1e6',
                                   "TritonQueueTimeGrowing")
     assert rc != 0 and "TritonQueueTimeGrowing" in out
+
+
+def _rule(name: str) -> dict:
+    return next(r for g in yaml.safe_load(m.RULES_FILE.read_text())["groups"] for r in g["rules"]
+                if name in (r.get("record"), r.get("alert")))
+
+
+def test_shed_load_warns_and_never_pages_as_server_errors(promtool, tmp_path):
+    """Requests a composing model's bounded queue sheds (reason="REJECTED", counted by that model; the ensemble counts
+    them as OTHER failures) are subtracted from the server errors and warn on their own; BACKEND failures still
+    page. The unit tests notice each clause going."""
+    shed = _rule("seresnet:triton_shed_requests:rate5m")["expr"]
+    assert 'reason="REJECTED"' in shed and m.COMPOSING in shed
+    assert "seresnet:triton_shed_requests_all_models:rate5m" in _rule("seresnet:triton_error_ratio:5m")["expr"]
+    alert = _rule("TritonLoadShedding")
+    assert alert["labels"]["severity"] == "warn" and "seresnet:triton_shed_ratio:5m" in alert["expr"]
+    # Without the subtraction, a burst of shed load pages.
+    rc, out = _mutated_rule_tests(promtool, tmp_path, "            seresnet:triton_client_rejections:rate5m\n"
+                                  "            - on (namespace) group_left ()\n"
+                                  "            seresnet:triton_shed_requests_all_models:rate5m,\n",
+                                  "            seresnet:triton_client_rejections:rate5m,\n", "TritonErrorRatioHigh")
+    assert rc != 0 and "a burst of shed load" in out, out
+    # Counting every failure of a composing model as shed hides BACKEND failures.
+    rc, out = _mutated_rule_tests(promtool, tmp_path, ',reason="REJECTED"}[5m]', "}[5m]", "TritonErrorRatioHigh")
+    assert rc != 0 and "backend failures page while load is shed" in out, out
+    # And the shed alert needs the shed series.
+    rc, out = _mutated_rule_tests(promtool, tmp_path, "expr: seresnet:triton_shed_ratio:5m > 0.01",
+                                  "expr: seresnet:triton_shed_ratio:5m > 0.5", "TritonLoadShedding")
+    assert rc != 0 and "TritonLoadShedding" in out
+
+
+def test_queue_alert_is_absolute_queue_time_tied_to_the_batching_delay(promtool, tmp_path):
+    """TritonQueueTimeGrowing fires on mean queue time per request above 10x the served batching delay (every batched
+    step waits up to that delay for company, however idle), not on queue/compute, which a fast model at light load
+    exceeds. The unit tests catch the ratio form."""
+    from train.config import load_config, packaged_config_names
+    alert = _rule("TritonQueueTimeGrowing")
+    expr, threshold = alert["expr"].rsplit(" > ", 1)
+    assert expr == "seresnet:triton_queue_seconds_per_request:5m" and alert["for"] == "10m"
+    assert float(threshold) == 10 * load_config("imagenet").serve.max_queue_delay_us / 1e6
+    for name in packaged_config_names():   # an idle step of any shipped config stays below it
+        assert load_config(name).serve.max_queue_delay_us / 1e6 < float(threshold) / 2, name
+    ratio = ("sum by (namespace, model) (rate(nv_inference_queue_duration_us{" + m.COMPOSING + "}[5m])) / clamp_min(sum by "
+             "(namespace, model) (rate(nv_inference_compute_infer_duration_us{" + m.COMPOSING + "}[5m])), 1) > 1")
+    rc, out = _mutated_rule_tests(promtool, tmp_path, f"expr: {expr} > {threshold}", f"expr: {ratio}", "TritonQueueTimeGrowing")
+    assert rc != 0 and "a fast model at light load" in out, out
 
 
 def test_rule_unit_tests_cover_two_namespaces_in_one_cluster():
@@ -235,6 +281,8 @@ def test_request_series_count_the_ensemble_once_and_queueing_covers_every_compos
                 assert use.startswith("{"), f"{metric} without a model filter: {e}"
                 if metric in QUEUE_LEVEL or queue_expr:   # per-request queue time divides by the same models' count
                     assert m.COMPOSING in matchers, f"{metric} without {m.COMPOSING}: {e}"
+                elif 'reason="REJECTED"' in matchers:   # shed load: counted by the composing model whose queue shed it
+                    assert metric == "nv_inference_request_failure" and m.COMPOSING in matchers, e
                 else:
                     assert f'model="{ENSEMBLE}"' in matchers or (e in dashboards and 'model=~"$model"' in matchers), \
                         f"{metric} counts every model: {e}"

@@ -190,12 +190,18 @@ def test_every_dashboard_and_rule_expression_returns_data_from_live_triton_and_t
         # The one undecodable image is a client rejection: the client ratio sees it, the paging server ratio stays 0.
         wait_for(lambda: prom.has_data("seresnet:triton_client_error_ratio:5m > 0"), 60,
                  "the rejected image in seresnet:triton_client_error_ratio:5m (seresnet_preprocess_rejected_total)")
-        # Triton 2.51 counts the failed ensemble request twice (its own failure + the composing model's); the rules
-        # halve it. If an upgrade changes that, this fails before the alerts go wrong.
-        failures = prom.query('sum(nv_inference_request_failure{model="classify"})')["data"]["result"]
+        # Triton 2.51 counts the failed ensemble request twice on the ensemble itself (reason OTHER), none on the
+        # composing model that answered with the error; the rules halve it. If an upgrade changes that, this fails
+        # before the alerts go wrong.
+        failures = prom.query('sum(nv_inference_request_failure{model="classify",reason="OTHER"})')["data"]["result"]
+        composing = prom.query(f'sum(nv_inference_request_failure{{{m.COMPOSING}}})')["data"]["result"]
         rejected = prom.query("sum(seresnet_preprocess_rejected_total)")["data"]["result"]
         assert [float(r["value"][1]) for r in failures] == [2.0] and [float(r["value"][1]) for r in rejected] == [1.0], \
             (failures, rejected)
+        assert [float(r["value"][1]) for r in composing] == [0.0], composing
+        # Nothing was shed: the shed ratio exists per composing model (Triton exports reason="REJECTED" at 0) and is 0.
+        shed = prom.query("seresnet:triton_shed_ratio:5m")["data"]["result"]
+        assert shed and all(float(s["value"][1]) == 0.0 for s in shed), shed
         server_ratio = [float(s["value"][1]) for s in prom.query("seresnet:triton_error_ratio:5m")["data"]["result"]]
         assert server_ratio == [0.0], f"a bad client image counted as a server error: {server_ratio}"
 
