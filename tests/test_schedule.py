@@ -102,3 +102,30 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_refuses_in_one_sentence(text):
     with pytest.raises(ConfigError, match="time_budget"):
         parse_duration(text)
+
+
+def test_progress_plans_whole_global_batches_and_restores_a_resized_run():
+    from train.progress import Progress
+
+    c = cfg(**{"data.batch_size": 8, "train.epochs": 2.5, "schedule.eta_min": 0.0})
+    p = Progress(c, n_train=100, spe=6, world=2)   # 6 steps of 16 per epoch
+    assert (p.global_batch, p.epoch_images, p.total_images) == (16, 96, 15 * 16)
+    for _ in range(6):
+        p.advance()
+    assert p.at_epoch_end() and not p.done() and p.epoch == pytest.approx(0.96)
+    state = {**p.state(), "world_size": 2, "config": c.to_dict()}
+    q = Progress(c, n_train=100, spe=12, world=1)   # resumed on one rank: same images in all
+    q.restore(ResumeState.from_checkpoint(state, c, 12, 8), world=1)
+    assert (q.images_seen, q.global_step, q.total_images) == (96, 6, 240) and q.schedule(240) == 0.0
+
+
+def test_progress_resizes_progressively_and_reserves_time_for_evaluation():
+    from train.progress import Progress
+
+    c = cfg(**{"data.image_size": 224, "data.progressive_min_size": 128, "data.progressive_until": 0.5,
+               "train.epochs": 10, "train.time_budget": "10m", "train.eval_every_epochs": 2})
+    p = Progress(c, n_train=1000, spe=10, world=1)
+    sizes = [p.train_size(e) for e in range(int(p.total_images / p.epoch_images) + 1)]
+    assert sizes[0] >= 128 and all(s % 2 == 0 for s in sizes) and sizes == sorted(sizes)
+    # 100 img/s for 600 s = 60 epochs: 31 validations of 50 images, the final val + test, 62 checkpoints x 2 s
+    assert p.eval_reserve(100.0, n_val=50, n_test=50) == pytest.approx((31 * 50 + 100) / 300 + 2.0 * 62)
