@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,19 @@ def kubectl():
     return path
 
 
+def free_port_pair() -> int:
+    """A free loopback port whose successor is free too: the trainer's rank r serves metrics on metrics.port + r."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
 def kill_tree(proc: subprocess.Popen, group: bool = False) -> None:
     """SIGKILL a launcher and every process under it (torchrun's workers run in sessions of their own, so they are
     found by parentage); ``group``: its process group too (a whole node started with start_new_session)."""
@@ -108,3 +122,100 @@ def kill_tree(proc: subprocess.Popen, group: bool = False) -> None:
             pass
     psutil.wait_procs(procs, timeout=30)
     proc.wait(30)
+
+
+# ------------------------------------------------------------------------------------- run hygiene
+# Under CI (env CI set) a skipped test fails the run: a skip there means something the project installs is missing.
+# The whole run has a deadline below CI's 90 minutes (TEST_SESSION_MINUTES, default 80): when it passes, the running
+# test's stacks are dumped, every process the run started is killed and pytest exits 3, so a hang ends in a report.
+# Temp folders are kept only for failed tests (pyproject: tmp_path_retention_policy); the disk the run's temp folder
+# takes is measured after every test and the run fails when its peak passes TEST_TMP_LIMIT_GB (default 4).
+
+_RUN = {"test": None, "peak_bytes": 0, "peak_after": None}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if os.environ.get("CI") and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[-1] if isinstance(rep.longrepr, tuple) else rep.longrepr
+        rep.outcome, rep.longrepr = "failed", f"skipped under CI (CI is set, so nothing may be skipped): {reason}"
+
+
+def _kill_descendants() -> None:
+    import psutil
+
+    me = psutil.Process()
+    kids = me.children(recursive=True)
+    for p in kids:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(kids, timeout=10)
+
+
+def _session_deadline(minutes: float) -> None:
+    import faulthandler
+
+    capman = _RUN.get("capman")
+    if capman is not None:   # pytest's fd capture would swallow the report
+        capman.suspend_global_capture(in_=True)
+    sys.stderr.write(f"\n\nThe test run passed its deadline of {minutes:g} minutes (TEST_SESSION_MINUTES) in "
+                     f"{_RUN['test']}; stacks follow, then every process the run started is killed.\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    _kill_descendants()
+    os._exit(3)
+
+
+def pytest_sessionstart(session):
+    import threading
+
+    minutes = float(os.environ.get("TEST_SESSION_MINUTES", "80"))
+    timer = threading.Timer(minutes * 60, _session_deadline, args=(minutes,))
+    timer.daemon = True
+    timer.start()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _RUN["test"] = nodeid
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes ``root`` takes on disk (st_blocks), each inode counted once (checkpoints are hard-linked)."""
+    seen, total = set(), 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    base = getattr(_RUN.get("tmp_factory"), "_basetemp", None)   # pytest's TempPathFactory (_pytest/tmpdir.py)
+    if base is not None and base.is_dir():
+        size = disk_bytes(base)
+        if size > _RUN["peak_bytes"]:
+            _RUN["peak_bytes"], _RUN["peak_after"] = size, nodeid
+
+
+def pytest_configure(config):
+    _RUN["tmp_factory"] = getattr(config, "_tmp_path_factory", None)
+    _RUN["capman"] = config.pluginmanager.getplugin("capturemanager")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    limit = float(os.environ.get("TEST_TMP_LIMIT_GB", "4")) * 2**30
+    peak = _RUN["peak_bytes"]
+    if peak:
+        sys.stderr.write(f"\ntemp folder peak: {peak / 2**30:.2f} GB after {_RUN['peak_after']} (limit "
+                         f"{limit / 2**30:g} GB, TEST_TMP_LIMIT_GB)\n")
+    if peak > limit and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
