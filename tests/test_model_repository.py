@@ -128,3 +128,19 @@ def test_versions_side_by_side_under_a_version_policy_are_served(export, tmp_pat
         client = grpcclient.InferenceServerClient(server.grpc_url)
         assert client.is_model_ready(CLASSIFIER, "2") and not client.is_model_ready(CLASSIFIER, "1")
         assert client.is_model_ready(ENSEMBLE)
+
+
+def test_pvc_overlay_loads_the_repository_from_a_claim(kubectl):
+    """k8s/serving/overlays/model-pvc: the init container's source repository is the claim, not the image's copy."""
+    from scripts import validate_manifests as v
+
+    objs = v.kustomize_build(REPO_ROOT / "k8s" / "serving" / "overlays" / "model-pvc", kubectl)
+    for obj in objs:
+        v.validate_object(obj)
+    pvc = next(o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "seresnet-model-repository")
+    pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    src = next(e["value"] for e in init["env"] if e["name"] == "SRC_REPOSITORY")
+    mount = next(m for m in init["volumeMounts"] if m["mountPath"] == src)
+    vol = next(vol for vol in pod["volumes"] if vol["name"] == mount["name"])
+    assert vol["persistentVolumeClaim"] == {"claimName": pvc["metadata"]["name"], "readOnly": True} and mount["readOnly"]
