@@ -41,12 +41,14 @@ ARG TORCH=2.14.1
 ARG TORCHVISION=0.29.1
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /opt/seresnet
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY train ./train
 COPY serve ./serve
 COPY launch ./launch
+COPY seresnet ./seresnet
+# The tested versions: constraints.txt (the CPU torch above satisfies its torch pin).
 RUN pip install --index-url "${TORCH_CPU_INDEX}" "torch==${TORCH}" "torchvision==${TORCHVISION}" \
-    && pip install "numpy<2" "pillow>=10" "pydantic>=2.6" "pyyaml>=6" \
+    && pip install -c constraints.txt "numpy<2" "pillow>=10" "pydantic>=2.6" "pyyaml>=6" \
     && pip install --no-deps . \
     && python3 -c "import numpy, torch, train.transforms; assert numpy.__version__ < '2' and torch.version.cuda is None"
 
