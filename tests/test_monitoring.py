@@ -17,7 +17,7 @@ from launch import monitoring as m
 from launch.torchrun import REPO_ROOT
 
 PROMTOOL = Path(sys.executable).parent.parent / "tools" / "prometheus" / "usr" / "bin" / "promtool"
-RULE_TESTS = m.RULES_FILE.with_name("seresnet.rules.test.yaml")
+RULE_TESTS = sorted(m.RULES_FILE.parent.glob("*.test.yaml"))   # promtool unit tests, split by topic
 REQUIRED_ALERTS = {"TritonLatencyP99High", "TritonErrorRatioHigh", "TritonClientRejectionsHigh", "TritonQueueTimeGrowing",
                    "TritonLoadShedding", "TritonNoReadyPod", "TrainingThroughputStalled", "PredictionConfidenceDrift", "PredictionsNotFinite"}
 REQUEST_LEVEL = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_request_duration_us",
@@ -103,12 +103,17 @@ def test_every_serving_aggregation_keeps_namespace_and_every_alert_names_it():
 
 
 def test_promtool_rule_unit_tests_pass(promtool):
-    r = run([promtool, "test", "rules", str(RULE_TESTS)])
+    assert len(RULE_TESTS) >= 2
+    r = run([promtool, "test", "rules", *map(str, RULE_TESTS)])
     assert r.returncode == 0 and "SUCCESS" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+def _rule_tests() -> list:
+    return [t for f in RULE_TESTS for t in yaml.safe_load(f.read_text())["tests"]]
+
+
 def test_every_alert_is_unit_tested_firing_and_silent():
-    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    tests = _rule_tests()
     fires, silent = set(), set()
     for t in tests:
         for case in t.get("alert_rule_test", []):
@@ -128,8 +133,8 @@ def _mutated_rule_tests(promtool, tmp_path, old: str, new: str, alert: str):
     d = tmp_path / str(abs(hash(old)))
     d.mkdir()
     (d / "seresnet.rules.yaml").write_text(text.replace(old, new))
-    doc = yaml.safe_load(RULE_TESTS.read_text())
-    doc["tests"] = [t for t in doc["tests"] if any(c["alertname"] == alert for c in t["alert_rule_test"])]
+    doc = yaml.safe_load(RULE_TESTS[0].read_text())
+    doc["tests"] = [t for t in _rule_tests() if any(c["alertname"] == alert for c in t["alert_rule_test"])]
     (d / "t.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     r = run([promtool, "test", "rules", "t.yaml"], cwd=d)
     return r.returncode, r.stdout + r.stderr
@@ -205,8 +210,8 @@ def test_queue_alert_is_absolute_queue_time_tied_to_the_batching_delay(promtool,
 
 
 def test_rule_unit_tests_cover_two_namespaces_in_one_cluster():
-    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
-    namespaces = set(re.findall(r'namespace="([^"]+)"', RULE_TESTS.read_text()))
+    tests = _rule_tests()
+    namespaces = set(re.findall(r'namespace="([^"]+)"', "".join(f.read_text() for f in RULE_TESTS)))
     assert {"serving", "serving-staging"} <= namespaces
     hidden = [t for t in tests if any('namespace="serving-staging"' in s["series"] and s["series"].startswith("up{")
                                       and set(s["values"].split()) == {"1x25"} for s in t["input_series"])]
