@@ -2,6 +2,7 @@
 ``preflight`` (train.hardware.decide for this GPU: what a job started here would do)."""
 from __future__ import annotations
 
+import importlib.metadata
 import multiprocessing as mp
 import os
 import platform
@@ -25,11 +26,11 @@ def facts(ctx: Ctx) -> dict:
          "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
          "arch_list": list(torch.cuda.get_arch_list()), "cuda_available": torch.cuda.is_available(),
          "cpu_count": os.cpu_count(), "tiny": ctx.tiny}
-    for mod in ("torchvision", "deepspeed", "pydantic", "onnx", "onnxruntime", "numpy"):
-        try:
-            f[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - absent or broken: recorded as absent
-            f[mod] = None
+    for dist in ("torchvision", "deepspeed", "pydantic", "onnx", "onnxruntime", "numpy"):
+        try:   # the installed version, without importing it (DeepSpeed's import alone takes seconds)
+            f[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            f[dist] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         f.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
