@@ -226,6 +226,34 @@ def test_bounds_and_user_errors_are_one_sentence(trained, tmp_path):
     assert eval_spec(SPEC) == eval_spec(SPEC["eval"])
 
 
+def _export_folder(fp32: Path, d: Path) -> Path:
+    """An export folder (model.onnx, serving_spec.json, labels.txt) around the trained TinySE."""
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fp32, d / EXPORT_ONNX)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.image_size={SPEC['eval']['image_size']}",
+                                                       f"data.eval_resize={SPEC['eval']['eval_resize']}"])
+    write_spec(d, cfg, SPEC["classes"])
+    return d
+
+
+def test_quantize_cli_as_documented(trained, tmp_path):
+    """`serve quantize --export DIR --calib-images TRAIN --val-images VAL [--max-drift F]` (docs/serving.md): both files,
+    the TensorRT one within TensorRT's rules; a drift bound it cannot meet is one sentence and exit code 2."""
+    import subprocess
+    import sys
+
+    fp32, root = trained
+    export = _export_folder(fp32, tmp_path / "export")
+    cmd = [sys.executable, "-m", "serve", "quantize", "--export", str(export), "--calib-images", str(root / "train"),
+           "--val-images", str(root / "val"), "--n", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(tensorrt)" in proc.stdout and "(cpu)" in proc.stdout and "images 96" in proc.stdout, proc.stdout
+    assert check_tensorrt_qdq(export / EXPORT_INT8_ONNX) == [] and check_tensorrt_qdq(export / EXPORT_INT8_CPU_ONNX)
+    bad = subprocess.run(cmd[:-1] + ["8", "--target", "cpu", "--max-drift", "-1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "changed the top-1" in bad.stderr, bad.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_int8_repository_is_served_by_tritonserver_with_the_accuracy_it_has_in_process(trained, tmp_path):
@@ -233,12 +261,7 @@ def test_int8_repository_is_served_by_tritonserver_with_the_accuracy_it_has_in_p
     real tritonserver -> `serve evaluate` on the held-out test split: the served top-1 is what ONNX Runtime gives
     in-process on the same images (one answer of slack for thread-order rounding), and the task is still learnt."""
     fp32, root = trained
-    export = tmp_path / "export"
-    export.mkdir()
-    shutil.copy(fp32, export / EXPORT_ONNX)
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.image_size={SPEC['eval']['image_size']}",
-                                                       f"data.eval_resize={SPEC['eval']['eval_resize']}"])
-    write_spec(export, cfg, SPEC["classes"])
+    export = _export_folder(fp32, tmp_path / "export")
     train = sorted((root / "train").rglob("*.png"))
     reports = quantize_export(export, train, n=128)
     assert set(reports) == {"cpu", "tensorrt"} and check_tensorrt_qdq(export / EXPORT_INT8_ONNX) == []
