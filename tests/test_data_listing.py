@@ -85,3 +85,27 @@ def test_uint8_transfer_normalised_on_device_equals_totensor_normalize(tiny_imag
         spec = EvalSpec.from_data_config(cfg)
         want = torch.stack([eval_transform(spec)(decode_image(open(p, "rb").read(), spec=spec)) for p in split.paths])
         assert torch.equal(got, want)  # bit-identical to ToTensor + Normalize on the worker
+
+
+def test_listing_cached_per_folder_reused_until_a_class_folder_changes(tiny_imagefolder, tmp_path, monkeypatch):
+    """An elastic restart reads the cached listing (no walk over the files); a file added to a class folder changes
+    that folder's mtime and the next start lists again."""
+    import train.listing
+
+    root = tmp_path / "images"
+    shutil.copytree(tiny_imagefolder, root)
+    walked = []
+    walk = train.listing._list_split
+    monkeypatch.setattr(train.listing, "_list_split", lambda d, s, c: walked.append(s) or walk(d, s, c))
+    cache = tmp_path / "cache"
+    first = list_dataset(_cfg(root), cache_dir=cache)
+    assert walked == ["train", "val", "test"] and len(list(cache.glob("dataset-*.json"))) == 1
+    again = list_dataset(_cfg(root), cache_dir=cache)
+    assert walked == ["train", "val", "test"], "the restart walked the folder again"
+    assert again.classes == first.classes and again.splits["train"].paths == first.splits["train"].paths
+    np.testing.assert_array_equal(again.splits["val"].labels, first.splits["val"].labels)
+    assert again.splits["train"].fingerprint == first.splits["train"].fingerprint
+    shutil.copy(root / "train" / "square" / "square_000.png", root / "train" / "square" / "square_new.png")
+    os.utime(root / "train" / "square", ns=(1, 1))   # mtime granularity: make the change visible on any filesystem
+    changed = list_dataset(_cfg(root), cache_dir=cache)
+    assert walked[3:] == ["train", "val", "test"] and len(changed.splits["train"]) == len(first.splits["train"]) + 1

@@ -238,7 +238,9 @@ def _folder_stamp(root: Path, classes: list[str], splits: tuple[str, ...]) -> li
 
 
 def _listing_cache_path(cache_dir: Optional[Path], root: Path, data: DataConfig, splits: tuple[str, ...]) -> Optional[Path]:
-    if not cache_dir:
+    """None with data.verify: a file rewritten in place keeps its folder's mtime, and its decode check must run again
+    (the listing's per-file size and mtime key that check's manifest)."""
+    if not cache_dir or data.verify:
         return None
     key = json.dumps([LISTING_VERSION, str(root.resolve()), list(splits), data.verify, data.on_corrupt, IMAGE_EXTENSIONS])
     return Path(cache_dir) / f"dataset-{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.json"
@@ -271,7 +273,8 @@ def list_dataset(data: DataConfig, splits: tuple[str, ...] = SPLITS, cache_dir: 
     """The data set as a plain picklable object: call it on rank 0 and broadcast (dist.broadcast_object_list).
     A missing optional split (test/) is left out of ``Dataset.splits`` with a log line. With ``cache_dir`` the
     listing is kept there, keyed by the folder, and reused while no split or class folder has changed (an elastic
-    restart does not list 1.28 M files again)."""
+    restart does not list 1.28 M files again); files in folders nested below a class folder, or a file rewritten in
+    place, do not change a class folder's mtime: delete the cache file after such an edit (data.verify lists anew)."""
     root = Path(data.root)
     if not root.is_dir():
         raise DataError(f"Data folder '{root}' does not exist; set data.root to an ImageFolder with train/ and val/ (test/ optional).")
