@@ -518,3 +518,41 @@ def test_serve_trt_and_repository_plan_follow_the_one_profile_rule(tmp_path):
     Path(f"{plan}.json").write_text(json.dumps({**meta, "profile": [1, 32, 64], "compute_capability": "7.0"}))
     with pytest.raises(ServeError, match=r"compute capability 7\.0 \(V100\) is below"):
         trt_recipe.check_plan(plan, None, 64, [16, 32])
+
+
+def test_repository_plan_is_checked_before_it_is_copied(tmp_path):
+    """`serve repository --target tensorrt --plan`: a plan with another profile is refused; the right one lands under
+    its GPU's name beside the fp16-typed ONNX the init container would build from."""
+    onnx = require("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    from serve.errors import ServeError
+    from serve.repository import write_model_repository
+    from train.config import ServeConfig
+
+    export = tmp_path / "export"
+    export.mkdir()
+    w = numpy_helper.from_array(np.full((3, 3, 1, 1), 0.5, np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+                           helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Softmax", ["f"], ["probabilities"], axis=1)],
+                          "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                          [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), export / "model.onnx")
+    serve = ServeConfig().model_dump()
+    (export / "serving_spec.json").write_text(json.dumps({
+        "eval": {"image_size": 32, "eval_resize": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                 "reducing_gap": 3.0}, "serve": serve, "classes": ["a", "b", "c"]}))
+    (export / "labels.txt").write_text("a\nb\nc\n")
+    plan = tmp_path / "model.sm90.plan"
+    plan.write_bytes(b"engine")
+    want = list(trt_recipe.plan_profile(serve["max_batch_size"], serve["preferred_batch_sizes"]))
+    meta = {"compute_capability": "9.0", "precision": "fp16", "tensorrt": trt_recipe.ROW["tensorrt"], "profile": [1, 1, 1]}
+    Path(f"{plan}.json").write_text(json.dumps(meta))
+    with pytest.raises(ServeError, match="has profile min/opt/max"):
+        write_model_repository(export, tmp_path / "repo", "tensorrt", plan=plan)
+    Path(f"{plan}.json").write_text(json.dumps({**meta, "profile": want}))
+    repo = write_model_repository(export, tmp_path / "repo", "tensorrt", plan=plan)
+    version = repo / CLASSIFIER / "1"
+    assert (version / plan_filename("9.0")).read_bytes() == b"engine"
+    assert trt_recipe.onnx_is_fp16(version / "model.fp16.onnx") and not trt_recipe.onnx_is_fp16(version / "model.onnx")
