@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv demo test test-fast bench readme clean
+.PHONY: venv demo test test-fast bench readme clean wheel
 
 venv:
 	@bash scripts/setup_env.sh
@@ -26,6 +26,12 @@ clean:
 
 readme: venv
 	$(PY) -m scripts.readme
+
+# The installable package, dist/seresnet_stack-<version>-py3-none-any.whl (the `seresnet` command, packaged configs,
+# compat.yaml and the manifests `seresnet launch k8s` renders from). Install it with the tested versions:
+#   pip install -c constraints.txt dist/seresnet_stack-*.whl
+wheel: venv
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 # GPU self-check, one GPU, <= 420 s: facts, preflight, Trainer vs plain-loop img/s, kill + resume to equal weights,
 # DeepSpeed ZeRO-1/2 bf16 memory and fp16 overflow, ONNX on the GPU, torch.compile -> runs/gpu_check/gpu_check.json
