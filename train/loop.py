@@ -88,10 +88,9 @@ def train_one_epoch(t, loader, n_steps: int, start_step: int, desc: str,
         t.backend.set_lr(lr)
         logits = t.backend.forward(images)
         loss = t.criterion(logits.float(), target)
-        t.guard.watch(loss)
+        ok = t.guard.watch(loss)
         t.backend.step(loss)   # a non-finite step leaves the weights alone, on the device
         t.guard.settle()
-        ok = torch.isfinite(loss.detach())
         win_loss += torch.where(ok, loss.detach(), 0.0)
         win_ok += ok
         if t.ema is not None:
@@ -101,7 +100,7 @@ def train_one_epoch(t, loader, n_steps: int, start_step: int, desc: str,
         stats.steps += 1
         stats.images += len(index)
         stats.train_seconds += t_done - t_ready
-        t.metrics.observe_step(t_done - t_got, t_got - t_ready, len(index))
+        t.metrics.observe_step(t_done - t_got, t_got - t_ready, len(index))   # host times (the GPU may lag)
         win_imgs += len(index)
         bar.update(1)
         if p.global_step % cfg.train.log_every_steps == 0 or p.done():

@@ -74,9 +74,12 @@ class NonFiniteGuard:
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
 
-    def watch(self, loss: torch.Tensor) -> None:
-        """Before the backward: remember whether this rank's loss is finite (a device tensor, not read)."""
-        self._loss_bad = ~torch.isfinite(loss.detach())
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        """Before the backward: remember whether this rank's loss is finite; returns that flag (a device tensor,
+        not read)."""
+        ok = torch.isfinite(loss.detach())
+        self._loss_bad = ~ok
+        return ok
 
     def settle(self) -> None:
         """After the step: a step the optimizer never ran (GradScaler skips non-fused ones) still counts its loss."""

@@ -8,6 +8,8 @@ import math
 import time
 from typing import Optional
 
+import torch
+
 from train.config import Config
 from train.distributed import DistInfo, decide_on_main
 from train.optim import LrSchedule, parse_duration, peak_lr
@@ -87,7 +89,11 @@ class Progress:
     def budget_step(self, dinfo: DistInfo, t_start: float, n_val: int, n_test: int) -> None:
         """With train.time_budget, after every step: once the rate is measured, fix the total (same on every rank)."""
         b = self.budget
-        if b is None or b.fixed or not b.observe(self.global_step, time.perf_counter()):
+        if b is None or b.fixed:
+            return
+        if dinfo.device.type == "cuda":   # the loop never waits for the GPU: time what it did, not what was queued
+            torch.cuda.synchronize(dinfo.device)   # (only over the first WARMUP + MEASURE steps)
+        if not b.observe(self.global_step, time.perf_counter()):
             return
         # Progressive resizing: the rate was measured at a smaller crop; plan with the full-size cost (cost taken as
         # proportional to pixels, which over-estimates small crops), so the run can end early but never late.
