@@ -295,14 +295,14 @@ def _bytes(quantity: str) -> int:
     return int(m[1]) * units.get(m[2], 1)
 
 
-def test_dev_shm_holds_every_python_models_worst_case(rendered):
+def test_dev_shm_holds_every_python_models_worst_case(rendered, tmp_path):
     """/dev/shm (memory-backed; a pod over its sizeLimit is evicted) holds every python stub's worst case at once:
     instances x batch x (largest request + output) + the stub's own region, for the configs the image ships
     (train/configs/imagenet.yaml limits, instances = the triton container's CPU request), python and DALI routes."""
     from types import SimpleNamespace
 
     from serve.model_config import python_shm_bytes
-    from serve.repository import default_max_request_bytes, postprocess_config, preprocess_config
+    from serve.repository import default_max_request_bytes, postprocess_config, preprocess_config, to_pbtxt
     from serve.repository_dali import guard_config
     from train.config import load_config
 
@@ -326,6 +326,30 @@ def test_dev_shm_holds_every_python_models_worst_case(rendered):
     # The bound is what makes it fit: at the classifier's batch (64) the python route alone would need ~30 GB.
     assert python_shm_bytes(instances, s.max_batch_size, request, pixels) > 4 * _bytes(dshm["sizeLimit"])
     assert _bytes(triton["resources"]["limits"]["memory"]) >= 2 * _bytes(dshm["sizeLimit"])   # tmpfs pages count here
+    # The init container knows the volume's size and refuses a pod whose python models could outgrow it, computing
+    # the same sum from the configs it serves (after setting the instance counts from the CPU request).
+    init_env = {e["name"]: e.get("value") for e in spec["initContainers"][0]["env"]}
+    assert int(init_env["PYTHON_SHM_BYTES"]) == _bytes(dshm["sizeLimit"])
+    src = tmp_path / "models"
+    for name, model_cfg in (("preprocess", preprocess_config(s, size, 100, 1, request)), ("postprocess", post),
+                            ("guard", guard_config(s, 1, request))):
+        (src / name).mkdir(parents=True)
+        (src / name / "config.pbtxt").write_text(to_pbtxt(model_cfg))
+
+    def build_plans(shm_bytes: int):
+        dst = tmp_path / f"repository-{shm_bytes}"
+        dst.mkdir()
+        return subprocess.run(["/bin/sh", str(REPO_ROOT / "k8s/serving/base/build-plans.sh")], capture_output=True, text=True,
+                              timeout=60, env={"PATH": "/usr/bin:/bin", "SRC_REPOSITORY": str(src), "DST_REPOSITORY": str(dst),
+                                               "PLAN_CACHE": str(tmp_path / "cache"), "PLAN_FAILURE_POLICY": "fallback",
+                                               "PLAN_TERMINATION_LOG": str(tmp_path / "termination"), "PLAN_MODELS": "none",
+                                               "PREPROCESS_INSTANCES": str(instances), "PYTHON_SHM_BYTES": str(shm_bytes)})
+
+    both = routes["python"] + routes["dali"] - post_bytes    # this test repository has preprocess and guard both
+    r = build_plans(both)
+    assert r.returncode == 0 and f"python models: at most {both} of {both} bytes of /dev/shm" in r.stdout, r.stdout + r.stderr
+    r = build_plans(both - 1)
+    assert r.returncode == 2 and "the python models may hold" in r.stdout and "raise the dshm sizeLimit" in r.stdout
 
 
 def test_service_servicemonitor_hpa_and_adapter_fit_together(rendered):

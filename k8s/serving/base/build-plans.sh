@@ -145,6 +145,32 @@ if [ -n "${PREPROCESS_INSTANCES:-}" ]; then
   done
 fi
 
+# /dev/shm (memory-backed; the pod is evicted past its sizeLimit, PYTHON_SHM_BYTES): every python instance may hold a
+# full batch of its largest requests and their outputs at once, plus its stub's 1 MiB region (serve/model_config.py
+# python_shm_bytes). Refuse to start a pod whose python models could outgrow it (e.g. a larger CPU request).
+if [ -n "${PYTHON_SHM_BYTES:-}" ]; then
+  need=0
+  for f in "$DST"/*/config.pbtxt; do
+    grep -q '^backend: *"python"' "$f" 2>/dev/null || continue
+    need=$(awk -v need="$need" '
+      /^max_batch_size:/ { batch = $2 }
+      /^instance_group/ { ig = 1 } ig && /count:/ { count = $2; ig = 0 }
+      /^output/ { out = 1; prod = 4 } out && /dims:/ { v = $0; sub(/.*dims: */, "", v); gsub(/[][ ]/, "", v); n = split(v, d, ",");
+                                                       for (i = 1; i <= n; i++) prod *= (d[i] < 0 ? -1 : d[i]) }
+      out && /^}/ { out = 0 }
+      /key: *"MAX_REQUEST_BYTES"/ { req = 1 } req && /string_value/ { v = $0; gsub(/[^0-9]/, "", v); request = v; req = 0 }
+      END { if (prod < 0) prod = request;   # a bytes output ([-1]) is the request passed on (the guard)
+            if (request == "") request = prod;  # no request limit (postprocess): input as large as the output
+            printf "%.0f", need + (count ? count : 1) * ((batch ? batch : 1) * (request + prod) + 1048576) }' "$f")
+  done
+  if [ "$need" -gt "$PYTHON_SHM_BYTES" ]; then
+    log "the python models may hold $need bytes in /dev/shm but the volume holds $PYTHON_SHM_BYTES; raise the dshm sizeLimit and PYTHON_SHM_BYTES together, or lower the CPU request or serve.max_request_bytes."
+    printf 'python models need %s bytes of /dev/shm, the volume holds %s\n' "$need" "$PYTHON_SHM_BYTES" > "$TERMINATION_LOG" 2>/dev/null || true
+    exit 2
+  fi
+  log "python models: at most $need of $PYTHON_SHM_BYTES bytes of /dev/shm"
+fi
+
 reason=""
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   reason="no GPU visible (nvidia-smi)"
