@@ -89,7 +89,8 @@ def _train(data, out, *sets, timeout=300):
 
 def _one_error(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    # (the sentence may follow a progress bar's last line: tqdm ends it without a newline when the run stops)
+    errors = [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and errors[0].endswith("."), stderr[-3000:]
     return errors[0]
 
@@ -252,3 +253,104 @@ def test_every_rename_is_made_durable_by_a_directory_fsync_before_save_returns(t
             assert ("fsync-file", src) in events[:i], (src, events[:i])
         nxt = renames[n + 1] if n + 1 < len(renames) else len(events)
         assert ("fsync-dir", str(tmp_path)) in events[i + 1:nxt], (events[i], events[i + 1:nxt])
+
+
+# ------------------------------------------------------------------------------------- disk full, export
+
+
+def _limit_file_size(limit: int):
+    """preexec_fn: files the child writes may not grow past ``limit`` bytes (RLIMIT_FSIZE; Python ignores SIGXFSZ, so
+    the write fails with EFBIG as it would with ENOSPC on a full disk)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_that_fails_for_lack_of_space_stops_in_one_sentence_and_keeps_the_previous(
+        tiny_imagefolder, tmp_path):
+    """2 steps written, then the same folder to 4 steps with files capped at 64 MB (a checkpoint is ~300 MB): the
+    first save fails; the run stops with exit 2 and one sentence naming the file and the fix, no temp file is left,
+    and the newest checkpoint still verifies and resumes."""
+    out = tmp_path / "run"
+    r = _train(tiny_imagefolder, out, "train.max_steps=2", "train.checkpoint_every_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = [PY, "-m", "train", "--config", str(SMOKE_CONFIG), "--set", f"data.root={tiny_imagefolder}",
+           "--set", f"output_dir={out}", "--set", "metrics.enabled=false", "--set", "train.max_steps=4",
+           "--set", "train.checkpoint_every_steps=1"]
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=_limit_file_size(64 << 20))
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = _one_error(r.stderr)
+    assert re.match(r"error: Could not write '.*step-00000003\.pt' \(the write stopped at the file size limit of 64 "
+                    r"MiB \(ulimit -f\); \d+ MiB free in '.*'\); the "
+                    r"previous checkpoint is kept and verifies\. Free disk space", err), err
+    ck = out / "checkpoints"
+    assert not list(ck.glob(".*.tmp")) and not (ck / "step-00000003.pt").exists(), sorted(os.listdir(ck))
+    state, path = CheckpointManager(ck).load_latest()
+    assert state["global_step"] == 2 and path.name == "step-00000002.pt"
+
+
+def test_a_full_disk_while_writing_the_checksum_keeps_the_previous_checkpoint(tmp_path):
+    """A real full filesystem (a 1 MiB tmpfs, root only; elsewhere unshare -rm gives one): the checkpoint's bytes fit,
+    its sidecar does not. The save fails with CheckpointError in one sentence; the previous checkpoint verifies."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    prefix = [] if os.geteuid() == 0 else ["unshare", "-rm"]
+    script = r"""
+import os, sys, subprocess, torch
+from pathlib import Path
+from train.checkpoint import CheckpointError, CheckpointManager
+mnt = Path(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+try:
+    m = CheckpointManager(mnt / "ck", keep_last=5)
+    m.save({"model": {"w": torch.zeros(10)}, "global_step": 1}, 1)
+    st = os.statvfs(mnt)
+    # Fill the disk but for the pages the next checkpoint's bytes need, so its sidecar finds no room.
+    need = (os.path.getsize(mnt / "ck" / "step-00000001.pt") + 4095) // 4096
+    with open(mnt / "filler", "wb") as f:
+        f.write(b"\0" * ((st.f_bavail - need) * st.f_frsize))
+    try:
+        m.save({"model": {"w": torch.ones(10)}, "global_step": 2}, 2)
+        print("SAVED")
+    except CheckpointError as err:
+        print("ERROR", err)
+    from train.checkpoint import verify
+    for p in (mnt / "ck").glob("*.pt"):
+        verify(p)
+    state, path = m.load_latest()
+    print("LATEST", path.name, state["global_step"], sorted(os.listdir(mnt / "ck")))
+finally:
+    subprocess.run(["umount", str(mnt)], check=True)
+"""
+    r = subprocess.run([*prefix, PY, "-c", script, str(mnt)], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ERROR Could not write '" in r.stdout and "step-00000002.pt' (No space left on device" in r.stdout, r.stdout
+    assert "the previous checkpoint is kept and verifies" in r.stdout, r.stdout
+    latest = r.stdout.split("LATEST ")[1].split()
+    assert latest[:2] == ["step-00000001.pt", "1"], r.stdout
+
+
+def test_export_refuses_a_checkpoint_without_its_checksum_or_with_a_wrong_one(tmp_path):
+    from serve.errors import ServeError
+    from serve.export import load_checkpoint
+
+    m = CheckpointManager(tmp_path, keep_last=2)
+    from train.config import load_config
+    from train.models import create_model
+    cfg = load_config(str(SMOKE_CONFIG), [])
+    model = create_model(cfg.model, 3, load_pretrained=False)
+    m.save({"model": model.state_dict(), "config": cfg.to_dict(), "classes": ["a", "b", "c"], "global_step": 1}, 1,
+           is_best=True)
+    load_checkpoint(m.best)   # the good case loads
+    side = tmp_path / "best.pt.sha256"
+    digest = side.read_text()
+    side.unlink()
+    with pytest.raises(ServeError, match=r"has no checksum file 'best.pt.sha256' \(copy it along with the checkpoint; "
+                                         r"for a file you trust: sha256sum best.pt > best.pt.sha256\)"):
+        load_checkpoint(m.best)
+    side.write_text(digest.replace(digest[0], "0" if digest[0] != "0" else "1", 1))
+    with pytest.raises(ServeError, match="is corrupt or truncated"):
+        load_checkpoint(m.best)

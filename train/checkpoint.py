@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -86,7 +87,11 @@ def _install(tmp: Path, path: Path, digest: str) -> None:
 
 def _disk_error(what: Path, err: BaseException) -> "CheckpointError":
     free = shutil.disk_usage(what.parent).free / 2**20
-    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    reason = getattr(err, "strerror", None)
+    if not reason:   # torch's zip writer reports a short write as RuntimeError ('unexpected pos ...'), no errno
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        reason = (f"the write stopped at the file size limit of {soft / 2**20:.0f} MiB (ulimit -f)"
+                  if soft != resource.RLIM_INFINITY else f"the write stopped short: {str(err).splitlines()[0][:160]}")
     return CheckpointError(f"Could not write '{what}' ({reason}; {free:.0f} MiB free in '{what.parent}'); the previous "
                            f"checkpoint is kept and verifies. Free disk space (or lower train.keep_last) and rerun: the "
                            f"run resumes from the previous checkpoint.")
