@@ -18,6 +18,7 @@ from scripts import validate_manifests as v
 from launch.torchrun import REPO_ROOT
 from serve.server import triton_libs, tritonserver_binary
 from tests.test_k8s_manifests import TRITON_APIS
+from train.compat import load_table
 
 
 ECHO_CONFIG = """name: "echo"
@@ -167,6 +168,8 @@ def test_production_args_serve_with_model_control_off(echo_repo):
                 client.unregister_system_shared_memory("probe", headers=headers)
                 assert client.get_inference_statistics("echo", headers=headers)
                 assert client.is_server_ready() and client.get_model_metadata("echo")   # health, metadata: open
+            # The local binary is the one train/compat.yaml names (serving.local: the closest PyPI has to the image's).
+            assert http.get_server_metadata()["version"] == load_table()["serving"]["local"]["tritonserver"]
     finally:
         shm.destroy_shared_memory_region(region)
 
