@@ -160,3 +160,29 @@ def test_ema_weights_are_checkpointed_for_export(tiny_imagefolder, tmp_path):
     differs = [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, last["train_model"][k])]
     assert differs, "best/last 'model' holds the EMA weights, not the raw ones"
     assert json.loads((out / "report.json").read_text())["ema_decay"] == 0.5
+
+
+def test_a_data_set_changed_since_the_checkpoint_is_named_and_handled_by_the_rule(trained_run, tiny_imagefolder,
+                                                                                 tmp_path):
+    """Files added to train/ and removed from val/ between the run and its resume: each split is named with its file
+    counts; training goes on over the current files, and best.pt is chosen afresh (its old score was measured on
+    other images). The new checkpoints record the current listing."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    data = tmp_path / "images"
+    shutil.copytree(tiny_imagefolder, data)
+    shutil.copy(data / "train" / "circle" / "circle_000.png", data / "train" / "circle" / "extra.png")
+    (data / "val" / "square" / "square_000.png").unlink()
+    before = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["data_listing"]
+    assert before["train"]["files"] == 48 and before["val"]["files"] == 18
+    r = train(out, data, "train.max_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the train/ files changed since the checkpoint (48 then, 49 now" in r.stderr, r.stderr[-3000:]
+    assert "the val/ files changed since the checkpoint (18 then, 17 now" in r.stderr, r.stderr[-3000:]
+    assert "test/ files changed" not in r.stderr
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert last["data_listing"]["train"]["files"] == 49 and last["data_listing"]["val"]["files"] == 17
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert best["global_step"] == 4 and best["best_top1"] == best["val_top1"], (best["global_step"], best["best_top1"])
+    again = train(out, data, "train.max_steps=4")   # the same files now: no warning
+    assert again.returncode == 0 and "files changed since the checkpoint" not in again.stderr, again.stderr[-2000:]

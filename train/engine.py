@@ -25,7 +25,7 @@ from train.metrics import Board, JsonlWriter, TrainingMetrics
 from train.models import create_model, set_backbone_trainable
 from train.optim import NonFiniteGuard, build_optimizer
 from train.progress import Progress, planned
-from train.resume import ResumeState, check_compatible
+from train.resume import ResumeState, check_compatible, data_changed, data_listing
 
 log = logging.getLogger(__name__)
 __all__ = ["Trainer", "EngineError", "setup_logging"]
@@ -108,7 +108,8 @@ class Trainer:
         if "train_model" in extra:
             check_finite(extra["train_model"], p.global_step)
         meta = {**p.state(), "world_size": self.dinfo.world, "config": self.cfg.to_dict(), "classes": self.classes,
-                "best_top1": self.best_top1, "val_top1": self.last_val, "precision": self.precision}
+                "best_top1": self.best_top1, "val_top1": self.last_val, "precision": self.precision,
+                "data_listing": data_listing(self.data)}
         self.backend.save(self.ckpt, self.out, meta, extra, p.global_step, is_best)
         barrier(self.dinfo)
         log.info("checkpoint saved at step %d (epoch %.2f)%s", p.global_step, p.epoch, " [best]" if is_best else "")
@@ -128,6 +129,8 @@ class Trainer:
         p = self.progress
         p.restore(ResumeState.from_checkpoint(state, self.cfg, p.spe, p.global_batch), self.dinfo.world)
         self.best_top1, self.last_val = float(state.get("best_top1", -1.0)), state.get("val_top1")
+        if data_changed(state, self.data):   # val/ changed: best.pt's score is not comparable (train.resume rule)
+            self.best_top1 = -1.0
         rng = state.get("rng") or []
         if len(rng) == self.dinfo.world:
             set_rng_state(rng[self.dinfo.rank])

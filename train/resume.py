@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from train.checkpoint import CheckpointError
 from train.config import Config
+from train.provenance import listing_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,37 @@ def check_compatible(cfg: Config, state: dict, classes: list[str], path) -> None
         a, b = _get(old, key), _get(new, key)
         if old and a is not None and a != b:
             log.warning("resuming with a changed %s (%s -> %s): honoured from the resumed position", key, a, b)
+
+
+def data_listing(data) -> dict:
+    """Per split: (files, fingerprint of the (path under the data root, class) pairs) of a train.listing.Dataset; kept
+    in every checkpoint so a resume sees files added, removed or relabelled since. Computed once per Dataset."""
+    cached = getattr(data, "_listing_fingerprints", None)
+    if cached is None:
+        root = os.path.abspath(data.root)
+        cached = {name: {"files": len(split.paths), "fingerprint": listing_fingerprint(
+            (os.path.relpath(os.path.abspath(p), root), data.classes[int(label)])
+            for p, label in zip(split.paths, split.labels))} for name, split in sorted(data.splits.items())}
+        data._listing_fingerprints = cached
+    return cached
+
+
+def data_changed(state: dict, data) -> bool:
+    """The rule for a data set that changed between a run and its resume (classes are checked by check_compatible):
+    train/ changed -> a warning, and training goes on over the current files from the resumed position; val/ changed
+    -> a warning, and the best validation top-1 is forgotten (best.pt's score was measured on other images), so the
+    next validation picks best.pt afresh. Returns True when val/ changed. Checkpoints without a listing: no check."""
+    then, now = state.get("data_listing") or {}, data_listing(data)
+    changed = [s for s in sorted(set(then) | set(now))
+               if (then.get(s) or {}).get("fingerprint") != (now.get(s) or {}).get("fingerprint")]
+    for s in changed if then else []:
+        a, b = (then.get(s) or {}).get("files", 0), (now.get(s) or {}).get("files", 0)
+        what = ("training continues over the current files from the resumed position" if s == "train" else
+                "the best validation top-1 so far is forgotten: the next validation picks best.pt afresh"
+                if s == "val" else "the final report evaluates the current files")
+        log.warning("the %s/ files changed since the checkpoint (%d then, %d now; added, removed or relabelled): %s",
+                    s, a, b, what)
+    return bool(then) and "val" in changed
 
 
 def plan_total_images(cfg: Config, spe: int, global_batch: int) -> int:
