@@ -88,13 +88,15 @@ def _dockerfile_args() -> dict[str, list[str]]:
 
 def test_serve_dockerfile_follows_the_table(row):
     args = _dockerfile_args()
-    want = {"TRITON_IMAGE": row["image"], "TRTEXEC_IMAGE": row["trtexec_image"], "TENSORRT_TAG": row["tensorrt_tag"]}
+    want = {"TRITON_IMAGE": row["image"], "TRTEXEC_IMAGE": row["trtexec_image"], "TENSORRT_TAG": row["tensorrt_tag"],
+            "PYTHON_STUB": row["python_stub"]}
     for name, value in want.items():
         assert args.get(name), f"{DOCKERFILE.name} has no ARG {name}"
         for got in args[name]:
             assert got == value, f"{DOCKERFILE.name} ARG {name}={got} but {TABLE} says {value}"
     text = DOCKERFILE.read_text()
     assert "COPY --from=trtexec /out /opt/trtexec" in text and "TensorRT v${TENSORRT_TAG}" in text
+    assert "assert v == '${PYTHON_STUB}'" in text, "the image build must check the stub's python against the table"
     # the python models' torch: the trainer's version, CPU-only build (no CUDA libraries in the serving image)
     table = load_table()
     assert args["TORCH"] == [table["torch"]] and args["TORCHVISION"] == [table["torchvision"]], (args["TORCH"], args["TORCHVISION"])

@@ -27,6 +27,8 @@ RUN set -eu; \
 
 FROM ${TRITON_IMAGE}
 ARG TENSORRT_TAG=110300
+# The python stub runs the image's python3: the python models are written for this version (train/compat.yaml python_stub).
+ARG PYTHON_STUB=3.12
 # Ubuntu 24.04 marks the image's python 3.12 as externally managed (PEP 668); this image is that environment's owner.
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1 HOME=/tmp
 COPY --from=trtexec /out /opt/trtexec
@@ -50,7 +52,8 @@ COPY seresnet ./seresnet
 RUN pip install --index-url "${TORCH_CPU_INDEX}" "torch==${TORCH}" "torchvision==${TORCHVISION}" \
     && pip install -c constraints.txt "numpy<2" "pillow>=10" "pydantic>=2.6" "pyyaml>=6" \
     && pip install --no-deps . \
-    && python3 -c "import numpy, torch, train.transforms; assert numpy.__version__ < '2' and torch.version.cuda is None"
+    && python3 -c "import numpy, torch, train.transforms; assert numpy.__version__ < '2' and torch.version.cuda is None" \
+    && python3 -c "import sys; v = '%d.%d' % sys.version_info[:2]; assert v == '${PYTHON_STUB}', f'the image python is {v}, not ${PYTHON_STUB}'"
 
 COPY --chown=1000:1000 runs/model_repository_k8s /models
 # A repository written with --preprocess dali has a DALI `preprocess` that the DALI backend autoserializes at load by
