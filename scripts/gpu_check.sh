@@ -58,20 +58,31 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 
 if [[ $DEVICE -eq 1 ]]; then
-  [[ -f .gpu/requirements.txt ]] || die ".gpu/ holds no bundle; run 'make gpu-bundle' on a machine with PyPI first."
-  SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")
-  trap 'rm -rf "$SITE"' EXIT
+  [[ $DRY -eq 1 || -f .gpu/requirements.txt ]] || die ".gpu/ holds no bundle; run 'make gpu-bundle' on a machine with PyPI first."
+  PYTAG=$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])' 2>/dev/null) || die "interpreter '$PY' does not run."
+  if [[ " ${EXTRA[*]} " == *" --tiny "* ]]; then
+    # A --tiny rehearsal on a CPU keeps its install (DeepSpeed JIT-compiles its CPU op against these very source
+    # paths; a fresh folder would rebuild it every run, minutes on 2 cores), keyed by the bundle's wheels.
+    SITE=$PWD/.cache/gpu-site-$PYTAG-$(ls .gpu/*.whl | sha256sum | cut -c1-12)
+    [[ -f "$SITE/.complete" ]] && SKIP_INSTALL=1
+  else
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")
+    trap 'rm -rf "$SITE"' EXIT
+  fi
   # pip picks, among the bundle's wheels, the ones for this interpreter (cp312 on the GPU machine, cp311 here).
   INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check
            --find-links .gpu --target "$SITE" -r .gpu/requirements.txt)
   if [[ $DRY -eq 1 ]]; then
     printf '+ [install] %s\n' "$(printf '%q ' "${INSTALL[@]}")"
-  else
+  elif [[ -z "${SKIP_INSTALL:-}" ]]; then
     PIP_CONFIG_FILE=/dev/null "${INSTALL[@]}" || die "installing .gpu/ with $PY failed (its wheels are for CPython 3.11/3.12); rerun 'make gpu-bundle'."
+    touch "$SITE/.complete"
   fi
   export PYTHONPATH="$PYTHONPATH:$SITE"
-  # ops DeepSpeed compiles at first use (its CPU shared-memory op in a --tiny rehearsal) are kept per interpreter
-  export TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions_$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])')_device"
+  # ops DeepSpeed compiles at first use (its CPU shared-memory op in a --tiny rehearsal) are kept per interpreter;
+  # a build killed half-way leaves torch's lock file behind, and the next build would wait on it for ever
+  export TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions_${PYTAG}_device"
+  [[ $DRY -eq 1 ]] || rm -f "$TORCH_EXTENSIONS_DIR"/*/lock
 fi
 
 RUN=("$PY" -m scripts.gpu_check --out "$OUT" "${EXTRA[@]}")

@@ -63,7 +63,7 @@ def test_step_timeouts_and_the_budget_are_recorded_and_the_report_stays_valid(tm
     complete and the exit status says a step failed."""
     out = tmp_path / "gc"
     r = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--out", str(out), "--work", str(tmp_path / "w"),
-                        "--only", "facts", "--step-timeout", "1", "--budget", "22"],
+                        "--only", "facts", "--step-timeout", "1", "--budget", "40"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 1, r.stdout + r.stderr
     report = json.loads((out / "gpu_check.json").read_text())
