@@ -1,6 +1,7 @@
-"""Run under torchrun by tests/test_rank0.py: the real Trainer, counting on each rank how many split folders it
-listed itself (train.listing._list_split, the one walk over a split's files), then dumping that count and the
-rank's parameters. With LAG_RANK set, that rank runs in its own mount namespace where output_dir/checkpoints is
+"""Run under torchrun by tests/test_rank0.py: the real Trainer, counting on each rank how often it asked for the
+data set's listing (train.data.list_dataset, a fresh walk or the cached listing) and which split folders it walked
+itself (train.listing._list_split, the one walk over a split's files), then dumping those and the rank's
+parameters. With LAG_RANK set, that rank runs in its own mount namespace where output_dir/checkpoints is
 hidden (an empty folder bound over it) until the rank logs that it waits for the checkpoint rank 0 verified: a
 node whose view of shared storage lags rank 0's."""
 import json
@@ -22,18 +23,23 @@ if __name__ == "__main__":
 
     import torch
 
+    import train.data
     import train.listing
     from train.config import load_config
     from train.engine import Trainer, setup_logging
 
-    listed = []
-    walk = train.listing._list_split
+    listed = {"calls": 0, "walked": []}
+    walk, entry = train.listing._list_split, train.data.list_dataset
 
-    def counting(split_dir, split, classes):
-        listed.append(split)
+    def walking(split_dir, split, classes):
+        listed["walked"].append(split)
         return walk(split_dir, split, classes)
 
-    train.listing._list_split = counting
+    def calling(*args, **kwargs):
+        listed["calls"] += 1
+        return entry(*args, **kwargs)
+
+    train.listing._list_split, train.data.list_dataset = walking, calling
     setup_logging()
     cfg = load_config(sys.argv[1], sys.argv[2:])
     trainer = Trainer(cfg)

@@ -30,7 +30,8 @@ def test_rank0_lists_once_and_a_lagging_rank_resumes_from_the_file_rank0_verifie
     out = tmp_path / "run"
     first = _torchrun(out, tiny_imagefolder, "train.max_steps=2")
     assert first.returncode == 0, first.stderr[-4000:]
-    assert _listed(out, 0) == [["train", "val", "test"]] and _listed(out, 1) == [[]], "rank 1 listed the data itself"
+    assert _listed(out, 0) == [{"calls": 1, "walked": ["train", "val", "test"]}]
+    assert _listed(out, 1) == [{"calls": 0, "walked": []}], "rank 1 listed the data itself"
 
     empty = tmp_path / "not-yet"
     empty.mkdir()
@@ -43,7 +44,7 @@ def test_rank0_lists_once_and_a_lagging_rank_resumes_from_the_file_rank0_verifie
     resumed = [line for line in second.stderr.splitlines() if "resuming from" in line]
     assert resumed and "step 2 of 4" in resumed[0], resumed or second.stderr[-3000:]
     # the restart lists nothing: rank 0 reads its cached listing, rank 1 never lists
-    assert _listed(out, 0)[1] == [] and _listed(out, 1)[1] == []
+    assert _listed(out, 0)[1] == {"calls": 1, "walked": []} and _listed(out, 1)[1] == {"calls": 0, "walked": []}
     a, b = (torch.load(out / f"params-rank{r}.pt", weights_only=True) for r in (0, 1))
     for k, v in a.items():
         assert torch.equal(v, b[k]), k
