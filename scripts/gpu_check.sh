@@ -14,13 +14,14 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: scripts/gpu_check.sh [--device] [--out DIR] [--python PY] [--tiny] [--budget S] [--dry-run] [-h]
+usage: scripts/gpu_check.sh [--device] [--out DIR] [--python PY] [--tiny] [--budget S] [--only STEP]... [--dry-run] [-h]
 
   --device      lent GPU machine: python3 from PATH, the wheels of .gpu/ installed offline into a temporary folder
   --out DIR     report folder (default runs/gpu_check): gpu_check.json, gpu_check.log
   --python PY   interpreter (default: python3 with --device, else .venv/bin/python, else python3)
   --tiny        CPU rehearsal: every step at toy sizes, on the CPU when there is no CUDA (proves the code paths)
   --budget S    seconds for the whole check (default 420)
+  --only STEP   run this step (and step data) only; repeatable, e.g. to rerun one that failed
   --dry-run     print the interpreter, the bundle install and the steps, run nothing
 EOF
 }
@@ -38,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     --out) [[ $# -ge 2 ]] || die "--out needs a folder."; OUT=$2; shift 2 ;;
     --python) [[ $# -ge 2 ]] || die "--python needs an interpreter path."; PY=$2; shift 2 ;;
     --tiny) EXTRA+=(--tiny); shift ;;
+    --only) [[ $# -ge 2 ]] || die "--only needs a step name (scripts/gpu_check/step.py STEPS)."; EXTRA+=(--only "$2"); shift 2 ;;
     --budget) [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || die "--budget needs a whole number of seconds >= 1, got '${2:-}'."
               EXTRA+=(--budget "$2"); shift 2 ;;
     --dry-run) DRY=1; shift ;;

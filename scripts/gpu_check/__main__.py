@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check (default 420)")
     ap.add_argument("--step-timeout", type=float, help="seconds per step at most (default 90; 600 with --tiny, whose "
                                                         "CPU runs are not bound by the GPU contract)")
-    ap.add_argument("--only", nargs="*", choices=list(STEPS), help="run these steps only (and those they need)")
+    ap.add_argument("--only", nargs="+", action="extend", choices=list(STEPS),
+                    help="run these steps only (and step data, which they need); repeatable")
     args = ap.parse_args(argv)
     if args.step_timeout is None:
         args.step_timeout = 600.0 if args.tiny else 90.0
