@@ -179,10 +179,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "guard checks each request, then DALI decodes on the GPU (nvJPEG) with the trainer's DALI eval "
                         "graph (default python)")
     r.add_argument("--max-queue-size", type=int, default=None,
-                   help="requests each batched model may hold waiting before it rejects more at once (UNAVAILABLE / 503; "
-                        "default 4 x max_batch_size)")
+                   help="requests each batched model may hold waiting before it rejects more at once (UNAVAILABLE / 503), "
+                        "the memory backstop (default: 512 MiB of the largest request for preprocess and guard, "
+                        "4 x max_batch_size for the classifier)")
     r.add_argument("--queue-timeout-ms", type=int, default=None,
-                   help="a request waiting longer than this in a model's queue is rejected (default 5000)")
+                   help="a request waiting longer than this in a model's queue is rejected: how load is shed (default 2000)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
                    help="override a serving setting the checkpoint froze, repeatable: serve.max_batch_size, "
                         "serve.preferred_batch_sizes, serve.max_queue_delay_us, serve.instances, serve.preprocess_instances, "

@@ -3,13 +3,25 @@ DALI route, serve/repository_dali.py): the protobuf module, parameters, dynamic 
 request limits, warm-up."""
 from __future__ import annotations
 
-# Load shedding: every dynamically batched model (all but the ensemble, whose steps queue in their own models) holds
-# at most QUEUE_BATCHES full batches waiting, and a request waits at most QUEUE_TIMEOUT_MS; past either Triton
-# answers at once with UNAVAILABLE (gRPC) / 503 (HTTP), "Exceeds maximum queue size" or "Request timeout expired",
-# instead of growing its queue and memory without bound. The client retries that answer with backoff
-# (serve/client.py). `serve.max_queue_size` / `serve.queue_timeout_ms` in a serving spec override both.
+# Load shedding: every dynamically batched model (all but the ensemble, whose steps queue in their own models) rejects
+# a request at once with UNAVAILABLE (gRPC) / 503 (HTTP) instead of growing its queue and memory without bound.
+# The queue TIMEOUT is the way load is shed: a request that waited QUEUE_TIMEOUT_MS in a model's queue is rejected
+# ("Request timeout expired"). It is sized to the latency budget: 20x the 100 ms p99 that pages
+# (TritonLatencyP99High), so only a backlog that cannot drain is shed, and Triton counts it as
+# nv_inference_request_failure{reason="REJECTED"} on the composing model, which the alerts read as shed load (a
+# warning). max_queue_size is the MEMORY backstop: a full queue ("Exceeds maximum queue size") is counted by no
+# composing model, only by the ensemble as reason="OTHER", which pages as a server error (measured on tritonserver
+# 2.51), so it must be rare, and it bounds the bytes a queue holds:
+# - preprocess and guard (whole encoded requests, up to serve.max_request_bytes each): floor(QUEUE_BYTES_BUDGET /
+#   max_request_bytes), at least 1: 512 MiB / 40 MB = floor(536870912 / 40000000) = 13 requests, <= 520 MB each.
+# - the classifier (fixed-size pixels): QUEUE_BATCHES x max_batch_size requests of 3 x S x S float32 each (imagenet):
+#   4 x 64 x 3 x 224 x 224 x 4 B = 256 x 602112 B = 154 MB (147 MiB), below the budget; postprocess holds scores
+#   (4 x 64 x 1000 x 4 B = 1 MB).
+# The client retries both answers with backoff (serve/client.py). `serve.max_queue_size` / `serve.queue_timeout_ms`
+# in a serving spec override them for every model.
 QUEUE_BATCHES = 4
-QUEUE_TIMEOUT_MS = 5000
+QUEUE_TIMEOUT_MS = 2000
+QUEUE_BYTES_BUDGET = 512 * 2**20   # encoded request bytes one python model's queue may hold
 # The python decode models (preprocess; guard on the DALI route) get a whole dynamic batch of requests in their stub's
 # shared-memory region at once, and every stub shares the pod's /dev/shm: their batch is bounded here (decode runs
 # one image at a time per instance anyway; parallelism comes from instances), so /dev/shm needs at most
@@ -29,6 +41,11 @@ def python_shm_bytes(instances: int, max_batch: int, input_bytes: int, output_by
     return int(instances) * (int(max_batch) * (int(input_bytes) + int(output_bytes)) + STUB_SHM_BYTES)
 
 
+def request_bytes_limit(serve_cfg) -> int:
+    """Total encoded bytes one request may carry: `serve.max_request_bytes` where the config has it, else two images at the byte limit."""
+    return int(getattr(serve_cfg, "max_request_bytes", 0) or 2 * serve_cfg.max_image_bytes)
+
+
 def pb():
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -39,20 +56,25 @@ def set_param(cfg, key: str, value) -> None:
     cfg.parameters[key].string_value = str(value)
 
 
-def queue_limits(serve_cfg) -> tuple[int, int]:
-    """(max_queue_size, queue timeout in microseconds) of every dynamically batched model."""
-    size = getattr(serve_cfg, "max_queue_size", None) or QUEUE_BATCHES * serve_cfg.max_batch_size
+def queue_limits(serve_cfg, request_bytes: int = 0) -> tuple[int, int]:
+    """(max_queue_size, queue timeout in microseconds) of a dynamically batched model; ``request_bytes``: the largest
+    request a model taking encoded bytes queues (preprocess, guard), whose queue is then bounded in bytes."""
+    size = getattr(serve_cfg, "max_queue_size", None)
+    if not size:
+        size = (max(1, QUEUE_BYTES_BUDGET // int(request_bytes)) if request_bytes
+                else QUEUE_BATCHES * serve_cfg.max_batch_size)
     return int(size), 1000 * int(getattr(serve_cfg, "queue_timeout_ms", None) or QUEUE_TIMEOUT_MS)
 
 
-def add_batching(cfg, serve_cfg) -> None:
+def add_batching(cfg, serve_cfg, request_bytes: int = 0) -> None:
     """Dynamic batching (preferred sizes up to the model's max_batch_size, queue delay) with the bounded REJECT queue
-    above (ModelQueuePolicy of Triton's model_config.proto: timeout_action, default_timeout_microseconds, max_queue_size)."""
+    above (ModelQueuePolicy of Triton's model_config.proto: timeout_action, default_timeout_microseconds, max_queue_size).
+    ``request_bytes``: see queue_limits."""
     sizes = [s for s in serve_cfg.preferred_batch_sizes if s <= min(serve_cfg.max_batch_size, cfg.max_batch_size or s)]
     batching = cfg.dynamic_batching
     batching.preferred_batch_size.extend(sizes)
     batching.max_queue_delay_microseconds = serve_cfg.max_queue_delay_us
-    size, timeout_us = queue_limits(serve_cfg)
+    size, timeout_us = queue_limits(serve_cfg, request_bytes)
     policy = batching.default_queue_policy
     policy.timeout_action = pb().ModelQueuePolicy.REJECT
     policy.default_timeout_microseconds = timeout_us

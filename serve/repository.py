@@ -26,7 +26,7 @@ from serve.errors import ServeError
 from serve.settings import serve_settings
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
 from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb as _pb, python_batch, queue_limits,
-                                set_limits, set_param as _param)
+                                request_bytes_limit, set_limits, set_param as _param)
 from serve.repository_dali import (add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config,
                                    require_checked_route)
 from serve.tensorrt_qdq import require_tensorrt_qdq
@@ -89,18 +89,19 @@ def preprocess_config(serve_cfg, image_size: int, warmup_bytes: int, instances: 
     cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=python_batch(s))   # /dev/shm bound
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
-    _batching(cfg, s)
+    request_cap = max_request_bytes or default_max_request_bytes(s)
+    _batching(cfg, s, request_bytes=request_cap)   # its queue holds encoded requests: bounded in bytes
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     _param(cfg, "EVAL_SPEC_FILE", EVAL_SPEC_FILE)
-    set_limits(cfg, s, max_request_bytes or default_max_request_bytes(s))
+    set_limits(cfg, s, request_cap)
     _param(cfg, "TORCH_THREADS", 1)
     add_jpeg_warmup(cfg, ENSEMBLE_INPUT, warmup_bytes)
     return cfg
 
 
 def default_max_request_bytes(serve_cfg) -> int:
-    """Total encoded bytes one request may carry: `serve.max_request_bytes` where the config has it, else two images at the byte limit."""
-    return int(getattr(serve_cfg, "max_request_bytes", 0) or 2 * serve_cfg.max_image_bytes)
+    """Total encoded bytes one request may carry (serve/model_config.py)."""
+    return request_bytes_limit(serve_cfg)
 
 
 def postprocess_config(serve_cfg, num_classes: int):
@@ -328,6 +329,7 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
             "serve": vars(s), "serve_overrides": list(serve_overrides or []),   # the settings served, after --set
             "limits": {"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
                        "max_request_bytes": request_cap, "max_queue_size": queue_limits(s)[0],
+                       "max_queue_size_encoded": queue_limits(s, request_cap)[0],   # preprocess / guard: bytes-bounded
                        "queue_timeout_ms": queue_limits(s)[1] // 1000},
             "models": [CLASSIFIER] + ([GUARD] if preprocess == "dali" else []) + [PREPROCESS]
                       + ([POSTPROCESS] if with_post else []) + [ENSEMBLE],

@@ -14,7 +14,7 @@ import train.dali_eval
 from serve.contract import (CHECKED_IMAGE, DALI_EVAL_FILE, DALI_PARAMS_FILE, DALI_PIPELINE_FILE, ENSEMBLE_INPUT,
                             EVAL_SPEC_FILE, GUARD, PIXELS, PREPROCESS)
 from serve.errors import ServeError
-from serve.model_config import add_batching, add_jpeg_warmup, pb, python_batch, set_limits
+from serve.model_config import add_batching, add_jpeg_warmup, pb, python_batch, request_bytes_limit, set_limits
 from train.compat import load_table
 
 RUNTIME = Path(__file__).resolve().parent / "triton_runtime"
@@ -43,7 +43,7 @@ def guard_config(serve_cfg, instances: int, max_request_bytes: int):
     # ragged: single-image requests of different byte lengths batch together (each request is checked on its own)
     cfg.input.add(name=ENSEMBLE_INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     cfg.output.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1])
-    add_batching(cfg, serve_cfg)
+    add_batching(cfg, serve_cfg, request_bytes=max_request_bytes)   # its queue holds encoded requests: bounded in bytes
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     set_limits(cfg, serve_cfg, max_request_bytes)
     return cfg
@@ -59,7 +59,7 @@ def dali_preprocess_config(serve_cfg, image_size: int, warmup_bytes: int):
     # (dali_backend docs/tutorials/training_to_inference.md, "Triton accepts batches with uniform shapes")
     cfg.input.add(name=CHECKED_IMAGE, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
-    add_batching(cfg, serve_cfg)
+    add_batching(cfg, serve_cfg, request_bytes=request_bytes_limit(serve_cfg))   # queues encoded requests: bytes-bounded
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
     add_jpeg_warmup(cfg, CHECKED_IMAGE, warmup_bytes)
     return cfg

@@ -144,7 +144,8 @@ def test_every_config_pbtxt_parses_as_model_config(export_dir, tmp_path, target)
             assert c.WhichOneof("scheduling_choice") == "ensemble_scheduling"
             continue
         q = c.dynamic_batching.default_queue_policy
-        assert (q.timeout_action, q.max_queue_size, q.default_timeout_microseconds) == (q.REJECT, 4 * 32, 5_000_000), name
+        bound = 536870912 // 40_000_000 if name == C.PREPROCESS else 4 * 32   # encoded requests: 512 MiB of them
+        assert (q.timeout_action, q.max_queue_size, q.default_timeout_microseconds) == (q.REJECT, bound, 2_000_000), name
     # Standalone: nothing in the repository names the checkout or any path of the machine that wrote it.
     for f in repo.rglob("*"):
         if f.is_file() and f.suffix in (".py", ".pbtxt", ".json", ".txt"):
@@ -153,7 +154,8 @@ def test_every_config_pbtxt_parses_as_model_config(export_dir, tmp_path, target)
     meta = json.loads((repo / "repository.json").read_text())
     assert meta["precision"] == precision and meta["target"] == ("cpu" if target == "int8" else target)
     assert meta["source"] == export_dir.name and meta["checkpoint"] == "last.pt"
-    assert meta["limits"]["max_queue_size"] == 128 and meta["limits"]["queue_timeout_ms"] == 5000
+    assert meta["limits"]["max_queue_size"] == 128 and meta["limits"]["queue_timeout_ms"] == 2000
+    assert meta["limits"]["max_queue_size_encoded"] == 13
 
 
 def test_repository_from_a_checkpoint_names_no_path_of_its_builder(exported, tmp_path):
