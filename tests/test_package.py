@@ -140,3 +140,17 @@ def test_launch_k8s_renders_from_the_packaged_manifests(installed, kubectl):
     job = next(o for o in objs if o["kind"] == "TrainJob")
     assert job["spec"]["trainer"]["numNodes"] == 2
     assert str(REPO_ROOT) not in "".join(p.read_text() for p in out.rglob("*.yaml"))
+
+
+def test_serve_repository_writes_from_the_installed_package(installed, tmp_path):
+    """The python models and the eval transform the writer copies into a repository are read from the package."""
+    from scripts.samples import random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "ckpt")
+    r = _run(installed, "seresnet", "serve", "repository", "--checkpoint", str(ckpt), "--out", "repo",
+             "--set", "serve.max_batch_size=8", "--set", "serve.preferred_batch_sizes=[8]", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    repo = installed["cwd"] / "repo"
+    assert (repo / "se_resnet50" / "1" / "model.py").read_bytes() == (REPO_ROOT / "serve" / "triton_runtime" / "classifier.py").read_bytes()
+    assert (repo / "preprocess" / "1" / "seresnet_eval.py").is_file() and (repo / "se_resnet50" / "1" / "model.onnx").is_file()
+    assert "max_batch_size: 8" in (repo / "se_resnet50" / "config.pbtxt").read_text()
