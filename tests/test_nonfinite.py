@@ -121,3 +121,27 @@ def test_nan_skip_policy_counts_at_log_steps(tiny_imagefolder, tmp_path, caplog)
         assert "non-finite loss at 1 of steps 5-6: step skipped (1 so far)" in caplog.text
     finally:
         t.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ddp_a_nan_on_one_rank_is_skipped_by_every_rank_without_a_collective(tiny_imagefolder, tmp_path):
+    """2 DDP ranks (gloo); rank 1's 3rd batch is NaN. The averaged gradients carry it to rank 0, whose guard skips the
+    same step: both ranks end with identical, finite weights, AdamW counted 5 steps, and both agreed on 1 skip."""
+    import subprocess
+    from pathlib import Path
+
+    from tests.conftest import PY, ROOT, subprocess_env
+
+    out = tmp_path / "run"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(Path(__file__).with_name("nonfinite_probe.py")), "2", str(SMOKE_CONFIG), f"data.root={tiny_imagefolder}",
+           f"output_dir={out}", "metrics.enabled=false", "train.precision=fp32", "train.epochs=50",
+           "train.nan_policy=skip", "train.log_every_steps=1000", "train.checkpoint_every_steps=0"]
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = (torch.load(out / f"nonfinite-rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert a["nan_skips"] == b["nan_skips"] == 1 and a["steps"] == b["steps"] == STEPS
+    assert a["optimizer_steps"] == b["optimizer_steps"] == [STEPS - 1]
+    for k, v in a["params"].items():
+        assert torch.isfinite(v).all() and torch.equal(v, b["params"][k]), k
