@@ -6,7 +6,11 @@ Engine vs plain loop: both sides are timed by this script's own clock, not by th
 ``torch.optim`` step post-hook (torch.optim.optimizer.register_optimizer_step_post_hook) stamps perf_counter at the
 end of every optimizer step, whoever owns the optimizer, and each side's rate is the images of steps
 WARMUP+1..STEPS over the time between the end of step WARMUP and the end of step STEPS. Start-up, evaluation and
-report writing lie outside that window on both sides; data loading lies inside it on both.
+report writing lie outside that window on both sides; data loading lies inside it on both. The training split holds
+exactly STEPS global batches, so both sides run one epoch and the Trainer's epoch end (a validation pass and a
+~300 MB checkpoint with its SHA-256 and fsync, seconds on a CPU, once per epoch) comes after the last timed step:
+with 10-step epochs it used to fall inside the window and weighed as 30% of it, where on a real data set it is one
+step in thousands.
 
 `run(out_dir, quick=False) -> dict` of flat figures (ratios end in _ratio/_speedup; ``train_bench_quick`` marks a
 quick run); `python -m scripts.bench_train`.
@@ -106,39 +110,66 @@ def plain_loop(cfg, steps: int) -> None:
         epoch += 1
 
 
-def engine_run(cfg, steps: int, out: Path) -> None:
+def engine_run(cfg, steps: int, out: Path) -> float:
+    """Our Trainer for ``steps`` steps; returns the seconds its epoch end took (validation + checkpoint), timed
+    apart: it is outside the step window."""
+    import train.loop
     from train.engine import Trainer
 
     cfg = cfg.model_copy(deep=True)
     cfg.output_dir = str(out)
     cfg.train.max_steps = steps
     trainer = Trainer(cfg)
+    end_of_epoch, spent = train.loop.end_of_epoch, []
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        end_of_epoch(*a, **kw)
+        spent.append(time.perf_counter() - t0)
+    train.loop.end_of_epoch = timed
     try:
         trainer.fit()
     finally:
+        train.loop.end_of_epoch = end_of_epoch
         trainer.close()
+    return sum(spent)
+
+
+def _sizes(quick: bool) -> tuple[int, int, int]:
+    """(steps, warm-up steps, batch): the timed run is one epoch of ``steps`` batches (make the folder with
+    ``steps * batch / CLASSES`` images per class)."""
+    return (8, 2, 32) if quick else (20, 3, 32)
+
+
+CLASSES = 4
 
 
 def bench_engine(root: Path, work: Path, repeats: int, quick: bool) -> dict:
     from train.config import load_config
 
-    steps, warmup, batch = (8, 2, 32) if quick else (20, 3, 32)
+    steps, warmup, batch = _sizes(quick)
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
         f"data.root={root}", f"data.batch_size={batch}", "data.image_size=32", "data.eval_resize=32", "data.workers=1",
         "data.backend=torchvision", "train.precision=fp32", "train.checkpoint_every_steps=0", "train.log_every_steps=5",
         "train.threads=0", "train.epochs=100", "train.resume=false", "data.class_weights=false",
         "optim.name=adamw", "optim.label_smoothing=0.0", "schedule.warmup_epochs=0", "metrics.enabled=false"])
-    ours, plain = [], []
+    ours, plain, ends = [], [], []
     for i in range(repeats):
         # ABBA order: a drift of the host's speed during the run does not favour one side
         sides = [("plain", None), ("engine", work / f"engine-{i}")]
         for name, out in (sides if i % 2 == 0 else sides[::-1]):
             with StepClock() as clock:
-                plain_loop(cfg, steps) if name == "plain" else engine_run(cfg, steps, out)
+                if name == "plain":
+                    plain_loop(cfg, steps)
+                else:
+                    ends.append(engine_run(cfg, steps, out))
             (plain if name == "plain" else ours).append(clock.rate(warmup, steps, batch))
     o, p = _median(ours), _median(plain)
     return {"train_engine_img_per_s": round(o, 2), "train_plain_loop_img_per_s": round(p, 2),
             "train_engine_vs_plain_ratio": round(o / p, 3), "train_engine_overhead_pct": round(100 * (1 - o / p), 2),
+            "train_engine_vs_plain_ratios": [round(a / b, 3) for a, b in zip(ours, plain)],
+            "train_engine_epoch_end_s": round(_median(ends), 2),
+            "train_engine_epoch_end_steps": round(_median(ends) * o / batch, 1),
             "train_bench_steps": steps, "train_bench_timed_steps": steps - warmup, "train_bench_repeats": repeats,
             "train_bench_batch": batch, "train_bench_px": 32, "train_bench_optimizer": "AdamW fused (both sides)"}
 
@@ -181,7 +212,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=out_dir) as tmp:
         work = Path(tmp)
-        small = make_image_folder(work / "small", 40 if quick else 80)
+        steps, _, batch = _sizes(quick)
+        small = make_image_folder(work / "small", steps * batch // CLASSES, CLASSES)   # one epoch = the timed run
         figures = {"train_bench_quick": quick}
         figures.update(bench_engine(small, work, repeats, quick))
         figures.update(bench_precision(repeats, quick))
