@@ -46,7 +46,14 @@ CALIB_BATCH = 32
 # Per target: activation type and ORT extra_options (onnxruntime/quantization/quantize.py documents the keys).
 ACTIVATIONS = {"tensorrt": "int8", "cpu": "uint8"}
 TARGET_FILES = {"tensorrt": EXPORT_INT8_ONNX, "cpu": EXPORT_INT8_CPU_ONNX}
-TENSORRT_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+# DedicatedQDQPair: an activation read by several quantized nodes (a residual block's input: its first Conv and the
+# Add; the SE block's input: GlobalAveragePool and Mul) gets its own Q/DQ pair per reader instead of one shared pair,
+# as ORT's qdq_quantizer.py says TensorRT wants ("In TRT, QDQ pair can't be shared between nodes") and as NVIDIA's
+# ONNX PTQ for TensorRT (TensorRT Model Optimizer's trt_guided_options) sets it: each pair is then fused into its own
+# consumer. Same scale and zero point per pair, so the numbers are unchanged. QDQOpTypePerChannelSupportToAxis is
+# not needed: ORT's default axes are already TensorRT's for the ops quantized here (Conv 0, Gemm with transB 0), and
+# serve/tensorrt_qdq.py checks them.
+TENSORRT_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "DedicatedQDQPair": True}
 CPU_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}   # ORT's defaults: int32 biases
 
 

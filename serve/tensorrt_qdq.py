@@ -10,7 +10,11 @@ onnx-tensorrt Q/DQ importer (onnx/onnx-tensorrt#850: DequantizeLinear of INT32 i
 - Symmetric: every zero point is 0 ("TRT only supports symmetric quantization - zeroPt must be all zeros").
 - Scales are build-time constants, finite and > 0.
 - Activations are quantized per tensor: per-channel scales only on weights (constant inputs of DequantizeLinear).
-- Per-channel weights of a Conv are quantized along axis 0 (the output channels, K).
+- Per-channel weights are quantized along their output channels: axis 0 of a Conv weight (K), of a Gemm weight with
+  transB=1 ([N, K]) and 1 without ([K, N]); the last axis of a MatMul weight ([K, N]). These are the axes ONNX Runtime
+  picks (onnxruntime/quantization/operators/gemm.py QDQGemm: default_axis 0 if transB else 1; matmul.py: 1). A
+  negative axis counts from the end (axis=-4 of a 4-D weight is 0).
+- Scales are FLOAT (float32), and no Q/DQ node sets `block_size` (blocked quantization is INT4 weight-only, not int8).
 - No DequantizeLinear of INT32 (ONNX Runtime's quantized biases, its default `QuantizeBias`).
 """
 from __future__ import annotations
@@ -20,6 +24,18 @@ from pathlib import Path
 from serve.errors import ServeError
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def weight_channel_axis(node, rank: int) -> int:
+    """The output-channel axis of the weight (input 1) of a Conv, Gemm or MatMul node with a ``rank``-D weight."""
+    from onnx import helper
+
+    if node.op_type == "Gemm":
+        return 0 if next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0) else 1
+    return rank - 1 if node.op_type == "MatMul" else 0
 
 
 def check_tensorrt_qdq(path: str | Path) -> list[str]:
@@ -44,8 +60,12 @@ def check_tensorrt_qdq(path: str | Path) -> list[str]:
         zp = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
         if scale is None:
             problems.append(f"{where}: its scale is not a constant")
+        elif scale.dtype != np.float32:
+            problems.append(f"{where}: its scale is {scale.dtype.name.upper()}, TensorRT's int8 Q/DQ takes FLOAT scales")
         elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
             problems.append(f"{where}: a scale is not finite and positive")
+        if any(a.name == "block_size" and helper.get_attribute_value(a) for a in n.attribute):
+            problems.append(f"{where}: sets block_size (blocked quantization), TensorRT's int8 is per tensor or per channel")
         if zp is None:
             problems.append(f"{where}: no constant INT8 zero point (a missing one means UINT8)")
         elif zp.dtype != np.int8:
@@ -57,15 +77,19 @@ def check_tensorrt_qdq(path: str | Path) -> list[str]:
             problems.append(f"{where}: dequantizes INT32 (a quantized bias), which onnx-tensorrt refuses")
         if scale is not None and scale.size > 1 and x is None:  # not a weight (a constant input) but an activation
             problems.append(f"{where}: an activation is quantized per channel (TensorRT: per tensor)")
-    axis = {n.output[0]: next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 1)
-            for n in g.node if n.op_type == "DequantizeLinear"}
     dq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
-    for conv in (n for n in g.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dq):
-        w = dq[conv.input[1]]
-        scale = consts.get(w.input[1])
-        if scale is not None and scale.size > 1 and axis[w.output[0]] != 0:
-            problems.append(f"Conv '{conv.name}': weights quantized per channel along axis {axis[w.output[0]]}, "
-                            "TensorRT takes axis 0 (output channels)")
+    for node in (n for n in g.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in dq):
+        w = dq[node.input[1]]
+        scale, weight = consts.get(w.input[1]), consts.get(w.input[0])
+        if scale is None or scale.size <= 1 or weight is None:
+            continue
+        rank = weight.ndim
+        got = next((helper.get_attribute_value(a) for a in w.attribute if a.name == "axis"), 1)  # ONNX default 1
+        got = got + rank if got < 0 else got
+        want = weight_channel_axis(node, rank)
+        if got != want:
+            problems.append(f"{node.op_type} '{node.name}': weights quantized per channel along axis {got}, "
+                            f"TensorRT takes axis {want} (output channels)")
     return problems
 
 

@@ -4,6 +4,7 @@ TensorRT file held to TensorRT's explicit-quantization rules (serve/tensorrt_qdq
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,10 @@ def test_static_qdq_int8_is_symmetric_small_and_agrees_with_fp32(trained, tmp_pa
     biases = [n.input[2] for n in g.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2]]
     assert len(biases) >= 6 and all(inits[b].dtype == np.float32 for b in biases)
     assert check_tensorrt_qdq(out) == [] and report["target"] == "tensorrt"
+    # Dedicated Q/DQ pairs (TensorRT fuses each pair into its one consumer): no Q/DQ output is read by two nodes,
+    # though the residual input (first Conv and Add) and the SE input (GlobalAveragePool and Mul) have two readers.
+    readers = Counter(i for n in g.node for i in n.input)
+    assert not [n.name for n in _qdq_nodes(g) if readers[n.output[0]] > 1]
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and producer.get(n.input[0]) == "Softmax" for n in g.node)
     # Weights stored as int8 with per-channel scales: the file shrinks ~4x.
     assert report["size_ratio"] < 0.35, report["size_ratio"]
@@ -196,11 +201,47 @@ def test_tensorrt_rules_check_names_each_defect(trained, tensorrt_file, tmp_path
         node = next(n for n in graph.node if n.output == conv_w.output)
         node.attribute.remove(next(a for a in node.attribute if a.name == "axis"))  # ONNX default axis: 1
 
+    gemm = next(n for n in g.node if n.op_type == "Gemm")   # the head: transB=1, its weight [N, K] per channel on 0
+    gemm_w = next(n for n in g.node if n.output[0] == gemm.input[1])
+    assert inits[gemm_w.input[1]].size > 1 and any(a.name == "transB" and a.i == 1 for a in gemm.attribute)
+
+    def set_axis(output, value):
+        def edit(graph, ini):
+            node = next(n for n in graph.node if n.output[0] == output)
+            a = next((a for a in node.attribute if a.name == "axis"), None)
+            if a is None:
+                node.attribute.append(onnx.helper.make_attribute("axis", value))
+            else:
+                a.i = value
+        return edit
+
+    def gemm_not_transposed(graph, ini):   # [N, K] read as [K, N]: the output channels are now axis 1
+        next(a for a in next(n for n in graph.node if n.name == gemm.name).attribute if a.name == "transB").i = 0
+
+    def gemm_as_matmul(graph, ini):   # a MatMul weight [K, N] has its output channels on the last axis
+        node = next(n for n in graph.node if n.name == gemm.name)
+        node.op_type = "MatMul"
+        del node.attribute[:]
+
+    def scale_fp16(graph, ini):
+        _set(ini, act_q.input[1], numpy_helper.to_array(ini[act_q.input[1]]).astype(np.float16))
+
+    def blocked(graph, ini):
+        next(n for n in graph.node if n.output == conv_w.output).attribute.append(onnx.helper.make_attribute("block_size", 16))
+
     cases = {"zero point is not 0": zp_one, "scale is not finite and positive": scale_negative,
-             "TensorRT takes axis 0": axis_one}
+             "TensorRT takes axis 0": axis_one,
+             "Conv '": set_axis(conv_w.output[0], -3),   # -3 of a 4-D weight is 1
+             "Gemm '": set_axis(gemm_w.output[0], 1), "Gemm '{}': weights quantized per channel along axis 0, "
+             "TensorRT takes axis 1".format(gemm.name): gemm_not_transposed,
+             "MatMul '{}': weights quantized per channel along axis 0, TensorRT takes axis 1".format(gemm.name): gemm_as_matmul,
+             "takes FLOAT scales": scale_fp16, "sets block_size": blocked}
     for needle, edit in cases.items():
         problems = check_tensorrt_qdq(_mutated(good, tmp_path / "bad.onnx", edit))
         assert problems and all(needle in p for p in problems), (needle, problems)  # a Q and its DQ share constants
+    # A negative axis counts from the end: -4 of a 4-D Conv weight and -2 of the 2-D Gemm weight are axis 0.
+    assert check_tensorrt_qdq(_mutated(good, tmp_path / "neg.onnx", set_axis(conv_w.output[0], -4))) == []
+    assert check_tensorrt_qdq(_mutated(good, tmp_path / "neg.onnx", set_axis(gemm_w.output[0], -2))) == []
     assert check_tensorrt_qdq(trained[0]) == ["it has no QuantizeLinear/DequantizeLinear nodes (not an explicitly quantized file)"]
 
 
