@@ -81,12 +81,13 @@ if [[ $DEVICE -eq 1 ]]; then
     touch "$SITE/.complete"
   fi
   export PYTHONPATH="$PYTHONPATH:$SITE"
-  # ops DeepSpeed compiles at first use (its CPU shared-memory op in a --tiny rehearsal) are kept per interpreter;
-  # a build killed half-way leaves torch's lock file behind, and the next build would wait on it for ever
+  # ops DeepSpeed compiles at first use (its CPU shared-memory op in a --tiny rehearsal) are kept per interpreter
   export TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions_${PYTAG}_device"
-  [[ $DRY -eq 1 ]] || rm -f "$TORCH_EXTENSIONS_DIR"/*/lock
 fi
 
+# A JIT op build killed half-way (a step's timeout) leaves torch's lock file behind; the next build would wait on it
+# for ever. Nothing else builds into this folder while the check runs.
+[[ $DRY -eq 1 ]] || rm -f "$TORCH_EXTENSIONS_DIR"/*/lock
 RUN=("$PY" -m scripts.gpu_check --out "$OUT" "${EXTRA[@]}")
 if [[ $DRY -eq 1 ]]; then
   printf '+ [run] %s\n' "$(printf '%q ' "${RUN[@]}")"
