@@ -57,6 +57,20 @@ def test_committed_definitions_are_what_the_writer_generates():
     assert not tracked, f"definitions that .gitignore hides: {tracked}"
 
 
+def test_committed_python_models_are_the_runtime_sources():
+    """Fast half of the check above: the committed python models and modules are the writer's sources today."""
+    from serve.repository import MODEL_SOURCES, eval_module_source, runtime_files
+
+    root = REPO_ROOT / "model_repository"
+    for model in (CLASSIFIER, PREPROCESS):
+        for rel, src in runtime_files(model).items():
+            assert (root / model / rel).read_bytes() == Path(src).read_bytes(), \
+                f"model_repository/{model}/{rel} is not {src}; regenerate with `{REGENERATE}`"
+    assert (root / PREPROCESS / "1" / "seresnet_eval.py").read_text() == eval_module_source(), \
+        f"model_repository/preprocess/1/seresnet_eval.py is not train/transforms.py; regenerate with `{REGENERATE}`"
+    assert MODEL_SOURCES[CLASSIFIER].read_bytes() == (root / CLASSIFIER / "1" / "model.py").read_bytes()
+
+
 def test_serve_settings_are_set_at_repository_time(export, tmp_path):
     repo = write_versioned_repository(export, tmp_path / "repo", serve_overrides=[
         "serve.max_batch_size=2", "serve.preferred_batch_sizes=[1,2]", "serve.instances=3", "serve.max_queue_delay_us=500",
