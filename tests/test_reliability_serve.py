@@ -243,3 +243,143 @@ def test_server_restart_under_load_every_request_ends_answered(served):
     assert retried > 0, "no request was in flight during the restart"
     print(f"\nRELIABILITY restart: {len(results)} requests, stopped at {stopped_at:.1f} s, ready again at {ready_at:.1f} s, "
           f"{retried} retried (max attempts {max(r.attempts for r in results)}), 0 lost, 0 failed")
+
+
+def _stubs(server, model: str = "") -> list:
+    """The server's python backend stub processes (one per python model instance), optionally for one model."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "triton_python_backend_stub" in cmd and model in cmd:
+            found.append(p)
+    return found
+
+
+def _load(served, n: int, on_answers: int, fault) -> tuple[list, float]:
+    """16 threads send ``n`` good requests with the client's retry policy; after ``on_answers`` answers ``fault()``
+    runs. Returns the results (every request ends: an answer or a final error) and the fault's time."""
+    from serve.client import TritonClassifier
+
+    images = served["images"]
+    names = list(images) * (n // len(images) + 1)
+    names = names[:n]
+    clf = TritonClassifier(served["server"].grpc_url, "grpc", max_attempts=40, max_retry_seconds=90)
+    results = [None] * n
+    done = threading.Semaphore(0)
+
+    def one(i: int):
+        results[i] = clf.classify_bytes(images[names[i]], k=1, name=names[i])
+        done.release()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        for _ in range(on_answers):
+            assert done.acquire(timeout=120)
+        at = time.perf_counter() - t0
+        fault()
+        for f in futures:
+            f.result(timeout=300)
+    assert all(r is not None for r in results), "a request never returned"
+    return results, at
+
+
+def _assert_answers_right(served, results) -> None:
+    ref, classes = served["ref"], served["classes"]
+    for r in results:
+        if r.ok:
+            want = int(ref[r.path].argmax())
+            assert r.top[0].label == classes[want] and abs(r.top[0].score - float(ref[r.path].max())) < 1e-4, r
+
+
+def test_server_sigkill_under_load_every_request_ends_answered_and_no_stub_outlives_it(served):
+    """SIGKILL of tritonserver itself (no graceful shutdown) while 16 threads send 240 requests; a new server starts on
+    the same ports at once. Every request ends answered with the right top-1 (the retry policy rides over the outage),
+    and the killed server's python stubs do not outlive it."""
+    import psutil
+
+    from serve.server import TritonServer
+
+    old = served["server"]
+    orphans = _stubs(old)
+    assert len(orphans) >= 2, orphans   # preprocess + guard/postprocess models run as python stubs
+
+    def kill_and_restart():
+        old.proc.kill()
+        old.proc.wait(30)
+        new = TritonServer(served["repo"], http_port=old.http_port, grpc_port=old.grpc_port,
+                           metrics_port=old.metrics_port, ready_timeout=240)
+        served["server"] = new
+        new.start()
+
+    t_kill = time.perf_counter()
+    try:
+        results, at = _load(served, 240, 40, kill_and_restart)
+        # A stub exits once its parent has been silent for stub-timeout-seconds (60, serve/server.py): ~56 s measured.
+        gone, alive = psutil.wait_procs(orphans, timeout=90)
+        stub_exit_s = time.perf_counter() - t_kill
+    finally:
+        for p in orphans:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert not alive, f"python stubs of the killed server still running 90 s later: {alive}"
+    failed = [(r.path, r.error, r.attempts) for r in results if not r.ok]
+    assert not failed, failed[:10]
+    _assert_answers_right(served, results)
+    retried = sum(r.attempts > 1 for r in results)
+    assert retried > 0, "no request was in flight during the outage"
+    print(f"\nRELIABILITY server SIGKILL: killed at {at:.1f} s, {len(results)} answered, {retried} retried (max "
+          f"{max(r.attempts for r in results)} attempts), 0 failed; the old stubs exited within {stub_exit_s:.1f} s")
+
+
+def test_python_stub_sigkill_under_load_fails_alone_and_the_server_recovers(served):
+    """SIGKILL of the `preprocess` python stubs while 16 threads send 240 requests: the requests that reach them end in
+    a final error naming the stub (a server-side failure is not retried), every other request is answered with the
+    right top-1, no request hangs, the server process stays up. Known gap, measured here: Triton 2.51 does not restart
+    a python stub killed this way; the model answers 'Stub process ... is not healthy' until the server restarts, while
+    the server's readiness stays 200 (recorded as an expected failure until that changes)."""
+    from serve.client import TritonClassifier
+    from serve.server import TritonServer
+
+    server = served["server"]
+    victims = _stubs(server, "preprocess")
+    assert victims, _stubs(server)
+
+    def kill_stub():
+        for p in victims:
+            p.kill()
+
+    try:
+        results, at = _load(served, 240, 40, kill_stub)
+        failed = [r for r in results if not r.ok]
+        # (a request may first be retried for a transient reason, then end on the stub's error)
+        assert all("Stub process" in r.error and "is not healthy" in r.error for r in failed), \
+            Counter((r.error[:200], r.attempts) for r in failed)
+        _assert_answers_right(served, results)
+        assert server.proc.poll() is None
+        ready = server.is_ready()
+        clf = TritonClassifier(server.grpc_url, "grpc", max_attempts=3)
+        name = next(iter(served["images"]))
+        deadline, after = time.time() + 60, None
+        while time.time() < deadline:
+            after = clf.classify_bytes(served["images"][name], k=1, name=name)
+            if after.ok:
+                break
+            time.sleep(2)
+    finally:   # the module's later tests get a healthy server on the same ports
+        server.stop()
+        served["server"] = TritonServer(served["repo"], http_port=server.http_port, grpc_port=server.grpc_port,
+                                        metrics_port=server.metrics_port, ready_timeout=240).start()
+    print(f"\nRELIABILITY stub SIGKILL: killed at {at:.1f} s, {len(results) - len(failed)} answered, {len(failed)} "
+          f"final errors ({failed[0].error[:120] if failed else '-'}); server ready {ready}; answering again within "
+          f"60 s: {after.ok}")
+    if not after.ok:
+        pytest.xfail(f"the killed python stub was not restarted within 60 s ({after.error}); server ready: {ready}")
+    _assert_answers_right(served, [after])
