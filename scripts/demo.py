@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     served = serve_and_evaluate(repo, data_root / "test", out, args.concurrency)
     report = {
         "test_top1": served["top1"], "test_top5": served["top5"], "test_images": served["images"],
-        "test_correct": int(round(served["top1"] * served["images"])), "failed_requests": served["errors"],
+        "test_correct": int(round((served["top1"] or 0) * served["answered"])), "failed_requests": served["errors"],
         "train_seconds": round(train_wall, 2), "total_seconds": round(time.perf_counter() - t_start, 2),
         "serving": "triton", "protocol": "grpc", "model_repository": str(repo),
         "trainer_test_top1": trainer.get("test_top1"), "trainer_val_top1": trainer.get("val_top1"),

@@ -44,7 +44,7 @@ def evaluate_folder(url: str, folder: str | Path, protocol: str = "grpc", out_di
     """Classify every ``folder/<class>/<image>`` through the server at ``url`` and return the report dict.
 
     Class names are matched to the served model's labels (a folder class the model does not know is an error).
-    A failed request counts as a miss (``errors`` says how many). With ``out_dir``: report.json, confusion.json,
+    A failed request is an error, not a miss: top-1/top-5 are over the answered images, ``errors`` counts the rest. With ``out_dir``: report.json, confusion.json,
     confusion.png there."""
     pairs = labelled_files(folder)
     clf = TritonClassifier(url, protocol, model, max_attempts=max_attempts, max_retry_seconds=max_retry_seconds)
@@ -92,9 +92,12 @@ def evaluate_folder(url: str, folder: str | Path, protocol: str = "grpc", out_di
         confusion[index[cls], index[r.top[0].label]] += 1
         top5 += any(p.label == cls for p in r.top)
     n = len(pairs)
+    answered = n - errors   # a failed request (a crashed server or stub, a refused file) is an error, never a miss
     report = {
         "url": clf.url, "protocol": protocol, "model": model, "folder": str(Path(folder).resolve()),
-        "images": n, "errors": errors, "top1": round(float(np.trace(confusion)) / n, 5), "top5": round(top5 / n, 5),
+        "images": n, "answered": answered, "errors": errors,
+        "top1": round(float(np.trace(confusion)) / answered, 5) if answered else None,
+        "top5": round(top5 / answered, 5) if answered else None,
         "top5_k": k, "classes": probe, "per_class": per_class(confusion, probe),
         "latency_ms": latency_summary([r.latency_ms for r in results if r.ok]),
         "wall_seconds": round(wall, 2), "images_per_second": round(n / wall, 2) if wall > 0 else None,
@@ -106,7 +109,7 @@ def evaluate_folder(url: str, folder: str | Path, protocol: str = "grpc", out_di
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "confusion.json").write_text(json.dumps({"classes": probe, "matrix": confusion.tolist()}))
         plot_confusion(confusion, probe, out / "confusion.png",
-                       f"served top-1 {100 * report['top1']:.2f}% ({n} images, {protocol})")
+                       f"served top-1 {100 * (report['top1'] or 0):.2f}% ({answered} of {n} images answered, {protocol})")
         report["files"] = {"report": str(out / "report.json"), "confusion_png": str(out / "confusion.png")}
     return report
 
@@ -131,7 +134,8 @@ def _labels(clf: TritonClassifier, images: list[Path], n_classes: int, tries: in
 def format_report(r: dict) -> str:
     lat = r["latency_ms"]
     lines = [f"[evaluate] {r['images']} images from {r['folder']} via {r['protocol']} {r['url']} ({r['model']}): "
-             f"top-1 {100 * r['top1']:.2f}%  top-{r['top5_k']} {100 * r['top5']:.2f}%  errors {r['errors']}",
+             + (f"top-1 {100 * r['top1']:.2f}%  top-{r['top5_k']} {100 * r['top5']:.2f}% over {r['answered']} answered"
+              if r["answered"] else "no image was answered") + f"  errors {r['errors']}",
              f"[evaluate] latency ms p50 {lat.get('p50')}  p95 {lat.get('p95')}  p99 {lat.get('p99')}  "
              f"({r['images_per_second']} img/s at concurrency {r['concurrency']})",
              "[evaluate] per-class recall: " + "  ".join(f"{c} {v['recall']:.3f} ({v['support']})" for c, v in r["per_class"].items())]

@@ -339,6 +339,41 @@ def test_server_sigkill_under_load_every_request_ends_answered_and_no_stub_outli
           f"{max(r.attempts for r in results)} attempts), 0 failed; the old stubs exited within {stub_exit_s:.1f} s")
 
 
+def test_a_stub_crash_during_serve_evaluate_counts_errors_never_misses(served, tmp_path):
+    """`serve evaluate` over 200 images filed under the class the server answers for each (so every answer is a hit);
+    the `preprocess` stubs are SIGKILLed 2 s in. The requests they fail are errors, not misses: top-1 over the
+    answered images stays 1.0, ``answered + errors == images``, and each failure names the stub."""
+    from serve.evaluate import evaluate_folder, format_report
+    from serve.server import TritonServer
+
+    server = served["server"]
+    ref, classes = served["ref"], served["classes"]
+    folder = tmp_path / "eval"
+    for name, data in served["images"].items():
+        d = folder / classes[int(ref[name].argmax())]
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(25):
+            (d / f"{i:02d}-{name}").write_bytes(data)
+    victims = _stubs(server, "preprocess")
+    killer = threading.Timer(2.0, lambda: [p.kill() for p in victims])
+    try:
+        killer.start()
+        r = evaluate_folder(server.grpc_url, folder, "grpc", progress=False, concurrency=2, max_attempts=2,
+                            max_retry_seconds=5)
+    finally:
+        killer.cancel()
+        server.stop()
+        served["server"] = TritonServer(served["repo"], http_port=server.http_port, grpc_port=server.grpc_port,
+                                        metrics_port=server.metrics_port, ready_timeout=240).start()
+    n = len(served["images"]) * 25
+    assert r["images"] == n and r["answered"] + r["errors"] == n, r
+    assert r["errors"] > 0 and r["answered"] > 0, (r["answered"], r["errors"])
+    assert r["top1"] == 1.0, (r["top1"], r["answered"], r["errors"])   # counted as misses it would be answered / n
+    assert all("Stub process" in f["error"] for f in r["failures"]), r["failures"][:3]
+    assert f"over {r['answered']} answered  errors {r['errors']}" in format_report(r)
+    print(f"\nRELIABILITY evaluate with a stub crash: {r['answered']} answered (top-1 {r['top1']}), {r['errors']} errors")
+
+
 def test_python_stub_sigkill_under_load_fails_alone_and_the_server_recovers(served):
     """SIGKILL of the `preprocess` python stubs while 16 threads send 240 requests: the requests that reach them end in
     a final error naming the stub (a server-side failure is not retried), every other request is answered with the
