@@ -120,7 +120,7 @@ def test_other_project_commands_parse():
             check_config(targs.config, targs.overrides, None, cmd)
         elif tokens[:3] == ["python", "-m", "scripts.validate_manifests"]:
             assert len(tokens) == 3
-        elif tokens[:3] == ["python", "-m", "launch.monitoring"]:
+        elif tokens[:3] == ["python", "-m", "scripts.monitoring"]:
             assert set(tokens[3:]) <= {"--check"}
         elif tokens[:2] == ["docker", "build"]:
             assert (REPO_ROOT / tokens[tokens.index("-f") + 1]).is_file(), cmd

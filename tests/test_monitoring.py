@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import monitoring as m
+from scripts import monitoring as m
 from launch.torchrun import REPO_ROOT
 
 PROMTOOL = Path(sys.executable).parent.parent / "tools" / "prometheus" / "usr" / "bin" / "promtool"
@@ -42,7 +42,7 @@ def run(cmd, cwd=REPO_ROOT, timeout=120):
 
 
 def test_generated_dashboards_and_prometheusrule_are_up_to_date():
-    r = run([sys.executable, "-m", "launch.monitoring", "--check"])
+    r = run([sys.executable, "-m", "scripts.monitoring", "--check"])
     assert r.returncode == 0, r.stdout + r.stderr
 
 

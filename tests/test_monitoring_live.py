@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import monitoring as m
+from scripts import monitoring as m
 from tests.conftest import ROOT, SMOKE_CONFIG, free_port, subprocess_env
 
 PROMETHEUS = Path(sys.executable).parent.parent / "tools" / "prometheus" / "usr" / "bin" / "prometheus"
