@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# A source checkout (pyproject.toml beside the packages) puts itself on the ranks' path and keeps DeepSpeed's compiled
+# ops in its .cache; an installed package (site-packages) is importable already and caches under the user's cache.
+SOURCE_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file()
+EXTENSIONS_CACHE = (REPO_ROOT / ".cache" if SOURCE_CHECKOUT else
+                    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seresnet") / "torch_extensions"
 ENGINES = ("ddp", "deepspeed")
 
 
@@ -101,7 +106,7 @@ def launch_env(base: Optional[dict] = None) -> dict:
     """Environment for the launched ranks: the repo importable, one shared DeepSpeed extension cache, and the
     rendezvous store not shared with the workers (so elastic jobs can grow back)."""
     env = dict(os.environ if base is None else base)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))
     # Elastic scale-up: with the agent's TCPStore shared with the workers (torch's default since 2.5), a node
     # that joins in a later round waits for MASTER_ADDR under that round's prefix, but rank 0 writes it only in
     # its own first round (RendezvousStoreInfo.build is skipped once it holds a store server: torch/distributed/
@@ -110,5 +115,6 @@ def launch_env(base: Optional[dict] = None) -> dict:
     # (pytorch/pytorch#135712: the shared store is not compatible with torchelastic restarts). Proven by
     # tests/test_multinode.py (a node killed and restarted rejoins).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if SOURCE_CHECKOUT:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from serve.errors import ServeError
+from serve.errors import ServeError, missing_extra
 
 
 def _export(a) -> int:
@@ -125,7 +125,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     e = sub.add_parser("export", help="ONNX (opset 17, dynamic batch) + onnx.checker + parity against PyTorch on real images.")
-    e.add_argument("--checkpoint", required=True, help="a seresnet-stack checkpoint (e.g. runs/demo/checkpoints/best.pt)")
+    e.add_argument("--checkpoint", required=True, help="a seresnet-stack checkpoint (e.g. runs/demo/train/checkpoints/best.pt)")
     e.add_argument("--out", required=True, help="export folder: model.onnx, labels.txt, serving_spec.json, export_report.json")
     e.add_argument("--images", nargs="*", default=[], help="parity images (files or folders; default: scikit-image sample photos)")
     e.add_argument("--atol", type=float, default=1e-4, help="largest |ONNX - PyTorch| probability difference accepted (default 1e-4)")
@@ -241,6 +241,11 @@ def run(args: argparse.Namespace) -> int:
         return args.func(args)
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if not missing_extra(err):
+            raise
+        print(f"error: {missing_extra(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

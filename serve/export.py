@@ -16,6 +16,9 @@ from torch import nn
 from serve.contract import EXPORT_LABELS, EXPORT_ONNX, EXPORT_SPEC, INPUT_NAME, OUTPUT_NAME
 from serve.errors import ServeError
 from serve.model_card import training_report, write_model_card
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+from train.inference import load_for_inference
 from train.provenance import provenance
 from train.transforms import EvalSpec, decode_image, eval_transform
 
@@ -37,10 +40,7 @@ class WithSoftmax(nn.Module):
 
 
 def load_checkpoint(checkpoint: str | Path):
-    """(model, cfg, classes) via train.checkpoint.load_for_inference; its errors become one-sentence ServeErrors."""
-    from train.checkpoint import CheckpointError, load_for_inference
-    from train.config import ConfigError
-
+    """(model, cfg, classes) via train.inference.load_for_inference; its errors become one-sentence ServeErrors."""
     try:
         return load_for_inference(checkpoint)
     except (CheckpointError, ConfigError) as err:

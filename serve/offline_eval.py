@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from serve.errors import ServeError
+from serve.errors import ServeError, missing_extra
 from serve.evaluate import labelled_files
 from serve.export import load_checkpoint, ort_session, read_export
 from train.evaluate import per_class, plot_confusion
@@ -162,7 +162,7 @@ def evaluate_offline(folder: str | Path, out_dir: str | Path, *, checkpoint: Opt
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="seresnet evaluate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training checkpoint (e.g. runs/demo/checkpoints/best.pt)")
+    src.add_argument("--checkpoint", help="a training checkpoint (e.g. runs/demo/train/checkpoints/best.pt)")
     src.add_argument("--onnx", help="an ONNX file inside an export folder (e.g. runs/demo/export/model.onnx)")
     p.add_argument("--data", required=True, help="labelled folder of <class>/<image> files (e.g. data/animals/test)")
     p.add_argument("--out", required=True, help="folder for report.json, confusion.json and confusion.png")
@@ -179,6 +179,11 @@ def run(a: argparse.Namespace) -> int:
                              workers=a.workers, threads=a.threads, progress=not a.no_progress)
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if not missing_extra(err):
+            raise
+        print(f"error: {missing_extra(err)}", file=sys.stderr)
         return 2
     print(f"[evaluate] {r['scored']} of {r['images']} images from {r['folder']} ({r['runtime']}): top-1 "
           f"{100 * r['top1']:.2f}%  top-{r['top5_k']} {100 * r['top5']:.2f}%  errors {r['errors']}")

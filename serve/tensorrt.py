@@ -222,13 +222,11 @@ def _plan_meta_path(plan: str | Path) -> Path:
 
 def build_plan(onnx_path: str | Path, out_dir: str | Path, precision: str = "fp16", min_batch: Optional[int] = None,
                opt_batch: Optional[int] = None, max_batch: Optional[int] = None, workspace_mib: int = WORKSPACE_MIB,
-               checkpoint=None, calib_images: Sequence = (), calib_count: int = 0, calib_batch: int = 0,
                calib_cache=None) -> dict:
     """Build ``out_dir/model.sm<CC>.plan`` with the TensorRT Python API (same profile and network types as the
     trtexec recipe), check it runs at max batch, and write ``<plan>.json`` (profile, TensorRT, GPU, precision) that
-    `serve repository --plan` checks. The profile defaults to ``profile_for_onnx`` (the export's serving spec). The
-    calib_* arguments are accepted for old callers and refused when set: int8 comes from a Q/DQ ONNX."""
-    del checkpoint, calib_images, calib_count, calib_batch
+    `serve repository --plan` checks. The profile defaults to ``profile_for_onnx`` (the export's serving spec); int8
+    comes from a Q/DQ ONNX (a ``calib_cache`` is refused by ``trtexec_command``: TensorRT 11 has no calibrators)."""
     onnx_path, out = Path(onnx_path), Path(out_dir)
     rule = profile_for_onnx(onnx_path, max_batch)
     min_batch, opt_batch, max_batch = min_batch or rule[0], opt_batch or rule[1], max_batch or rule[2]

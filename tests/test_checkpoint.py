@@ -73,7 +73,7 @@ def test_a_torch_saved_payload_with_a_matching_checksum_is_refused_and_never_run
     verify(p)   # the checksum matches: the refusal below is the safe loader's
     with pytest.raises(CheckpointError, match="refused by the safe loader"):
         safe_load(p)
-    from train.checkpoint import load_for_inference
+    from train.inference import load_for_inference
     with pytest.raises(CheckpointError, match="refused by the safe loader"):
         load_for_inference(p)
     assert not marker.exists(), "the payload's code ran"
@@ -119,7 +119,7 @@ def test_python_m_train_refuses_a_planted_last_pt_and_pretrained_file_without_ru
 
 
 def test_missing_checkpoint_is_clear(tmp_path):
-    from train.checkpoint import load_for_inference
+    from train.inference import load_for_inference
     with pytest.raises(CheckpointError, match="does not exist; train first"):
         load_for_inference(tmp_path / "nope.pt")
 

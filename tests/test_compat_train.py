@@ -2,6 +2,7 @@
 table (train/compat.yaml): one row per GPU generation. Each disagreement fails naming the file and the value."""
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import tomllib
@@ -141,3 +142,23 @@ def test_docs_cluster_image_table_matches():
         got = (dockerfile, suffix, archs, cuda, driver)
         assert got == want, f"docs/cluster.md: image row {row} says {got}, train/compat.yaml says {want}"
     assert f"torch {TABLE['torch']}" in text, f"docs/cluster.md: does not name torch {TABLE['torch']}"
+
+
+@pytest.mark.parametrize("dockerfile", sorted(p.name for p in (REPO_ROOT / "k8s" / "images").glob("*.Dockerfile")))
+def test_every_copy_source_is_in_the_build_context(dockerfile):
+    """BuildKit sends only what <Dockerfile>.dockerignore lets through: a COPY of a path it drops fails the build."""
+    path = REPO_ROOT / "k8s" / "images" / dockerfile
+    rules = [line.strip() for line in path.with_name(path.name + ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    for line in path.read_text().splitlines():
+        if not line.startswith("COPY ") or "--from=" in line:
+            continue
+        for src in [w for w in line.split()[1:-1] if not w.startswith("--")]:
+            excluded = False
+            for rule in rules:   # later rules win, as in .dockerignore
+                neg = rule.startswith("!")
+                pattern = rule.lstrip("!")
+                if fnmatch.fnmatch(src, pattern) or src.startswith(pattern.rstrip("/") + "/"):
+                    excluded = not neg
+            assert not excluded, f"{dockerfile}: COPY {src} but {dockerfile}.dockerignore leaves it out of the context"
+            assert src.startswith("runs/") or (REPO_ROOT / src).exists(), f"{dockerfile}: COPY {src}, not in the repository"

@@ -18,7 +18,7 @@ ATOL = 1e-4   # softmax probabilities, fp32 on both sides
 
 
 def _model(ctx: Ctx):
-    from train.checkpoint import load_for_inference
+    from train.inference import load_for_inference
     from train.config import load_config
     from train.models import create_model
 
