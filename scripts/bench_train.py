@@ -177,7 +177,7 @@ def bench_engine(root: Path, work: Path, repeats: int, quick: bool) -> dict:
 def bench_precision(repeats: int, quick: bool) -> dict:
     """bf16 autocast vs fp32, forward+backward+AdamW on SE-ResNet50 (small stem) at 32 px and 112 px."""
     from train.config import ModelConfig
-    from train.engine import cpu_has_fast_bf16
+    from train.hardware import cpu_has_fast_bf16
     from train.models import create_model
 
     out = {"cpu_has_fast_bf16": cpu_has_fast_bf16()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -191,7 +190,3 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, images: Optional[It
             f"ONNX parity check failed: max |ONNX - PyTorch| = {p['max_abs_diff']:.2e} (tolerance {atol:.0e}), "
             f"top-1 agreement {p['top1_agreement']:.3f}; the exported graph does not match the checkpoint.")
     return report
-
-
-def threads_default() -> int:
-    return max(1, (os.cpu_count() or 1))

@@ -75,9 +75,6 @@ class DDPBackend:
             loss.backward()
             self.optimizer.step()
 
-    def skip_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
@@ -168,9 +165,6 @@ class DeepSpeedBackend:
             state = scaler.state_dict()
             state.update(scale=state["scale"] * state["backoff_factor"], _growth_tracker=0)
             scaler.load_state_dict(state)
-
-    def skip_step(self) -> None:
-        self.engine.zero_grad()
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)

@@ -257,9 +257,6 @@ class CheckpointManager:
             sidecar(old).unlink(missing_ok=True)
         return path
 
-    def mark_best(self, src: Path) -> None:
-        self._copy_atomic(src, self.best)
-
     @staticmethod
     def _copy_atomic(src: Path, dst: Path) -> None:
         """Point ``dst`` at ``src``'s bytes: a hard link (no copy of hundreds of MB), installed by ``_install``."""

@@ -130,14 +130,6 @@ def all_reduce_mean(values: list[float], dinfo: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def all_agree(flag: bool, dinfo: DistInfo) -> bool:
-    """True only when ``flag`` holds on every rank (so every rank takes the same branch)."""
-    t = torch.tensor(int(flag), dtype=torch.int32, device=dinfo.device)
-    if dinfo.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t)
-
-
 def barrier(dinfo: DistInfo) -> None:
     if dinfo.world > 1:
         dist.barrier()

@@ -6,20 +6,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from train.backends import _deepspeed_safe_load, autocast_for, build_backend, float_state  # noqa: F401 (re-export)
+from train.backends import autocast_for, build_backend, float_state
 from train.checkpoint import CheckpointManager, check_finite
 from train.config import Config, save_config
 from train.data import build_eval_loader, class_weights, cpu_threads_per_rank, release_loaders, scan_imagefolder, steps_per_epoch
 from train.distributed import (LISTING_TIMEOUT, barrier, decide_on_main, gather_rng, seed_everything, set_rng_state,
                                setup_distributed, setup_logging, shutdown)
 from train.evaluate import evaluate
-from train.hardware import cpu_has_fast_bf16, decide, local_facts  # noqa: F401 (re-export)
+from train.hardware import decide, local_facts
 from train.loop import train_loop
 from train.metrics import Board, JsonlWriter, TrainingMetrics
 from train.models import create_model, set_backbone_trainable

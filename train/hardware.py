@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from train.compat import image_for_arch, train_images
+from train.compat import image_for_arch
 from train.config import Config
 from train.dali import gpu_memory_mib
 
@@ -311,7 +311,3 @@ def rdma_memlock_problem(facts: Facts) -> str:
             f"in its systemd unit; Docker: --default-ulimit memlock=-1:-1), or run the container as uid 0 (IPC_LOCK in "
             f"securityContext.capabilities.add is not effective for a non-root uid, kubernetes#56374), or set "
             f"NCCL_IB_DISABLE=1 to train over sockets.")
-
-
-def known_images() -> list[str]:
-    return list(train_images())
