@@ -169,17 +169,27 @@ def test_client_retries_a_rejection_with_backoff_and_bounded_attempts(overloaded
     at most max_attempts, ending in the rejection as the final error while the overload lasts, and served once it
     ends. Over HTTP the rejection is a 503, retried the same way."""
     server, data, *_ = overloaded
-    # Sustained overload: every call that was rejected was retried up to its bound, with backoff between attempts.
-    bounded = _patient(server, data, max_attempts=3, n=6, stop_load_after_s=None)
-    shed = [r for r in bounded if not r.ok]
-    assert shed, [(r.attempts, r.error) for r in bounded]
+    # Sustained overload: a call rejected on every attempt ends after exactly its bound, with backoff between
+    # attempts. Whether a given call is rejected twice in a row depends on the moment, so rounds of 12 calls run
+    # until one is (each round sheds about a third of first attempts here).
+    rounds = []
+    for _ in range(5):
+        rounds.append(_patient(server, data, max_attempts=2, n=12, stop_load_after_s=None))
+        shed = [r for r in rounds[-1] if not r.ok]
+        if shed:
+            break
+    assert shed, [[(r.attempts, r.error) for r in calls] for calls in rounds]
     for r in shed:
-        assert r.attempts == 3 and "Request timeout expired" in r.error, (r.attempts, r.error)
-        assert r.latency_ms / 1e3 >= _backoff_floor_s(3), (r.attempts, r.latency_ms)
+        assert r.attempts == 2 and "Request timeout expired" in r.error, (r.attempts, r.error)
+        assert r.latency_ms / 1e3 >= _backoff_floor_s(2), (r.attempts, r.latency_ms)
     # The overload ends while the calls back off: each is served on a later attempt, nothing lost.
-    recovered = _patient(server, data, max_attempts=8, n=6, stop_load_after_s=1.5)
-    assert all(r.ok for r in recovered), [(r.attempts, r.error) for r in recovered]
-    later = [r for r in recovered if r.attempts > 1]
+    # (Rounds again until some call was rejected at first and served on a later attempt.)
+    for _ in range(5):
+        recovered = _patient(server, data, max_attempts=8, n=12, stop_load_after_s=1.5)
+        assert all(r.ok for r in recovered), [(r.attempts, r.error) for r in recovered]
+        later = [r for r in recovered if r.attempts > 1]
+        if later:
+            break
     assert later and all(r.latency_ms / 1e3 >= _backoff_floor_s(r.attempts) for r in later), [
         (r.attempts, r.latency_ms) for r in recovered]
     assert any(not ok and str(err.status()) == "503" for ok, _, err in _one_http_rejection(server, data))
