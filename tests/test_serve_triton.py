@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from serve.errors import ServeError
+from serve.model_config import PYTHON_MAX_BATCH
 from tests.serve_fixtures import (CLASSES, MAX_REQUEST_BYTES, big_png, gif_bytes, metric_value, model_stats,
                                   reference_probabilities)
 
@@ -113,7 +114,8 @@ def test_bad_requests_fail_alone_with_clear_4xx(served, protocol):
         "request over the byte cap": (np.zeros((2, 1_600_000), np.uint8), "UINT8", f"over the per-request limit of {MAX_REQUEST_BYTES}"),
         "wrong dtype": (np.zeros((1, 100), np.float32), "FP32", "data-type"),
         "wrong shape": (np.zeros((1, 4, 5), np.uint8), "UINT8", "shape"),
-        "batch over max": (np.zeros((33, 100), np.uint8), "UINT8", "batch-size must be <= 32"),
+        "batch over max": (np.zeros((PYTHON_MAX_BATCH + 1, 100), np.uint8), "UINT8",
+                           f"batch-size must be <= {PYTHON_MAX_BATCH}"),
     }
     good = u8(images["chelsea.jpg"])
     ref, _ = reference_probabilities(served["ckpt"], [images["chelsea.jpg"]])
@@ -248,8 +250,9 @@ def test_dead_python_stub_fails_fast_with_clear_message(tmp_path):
 
 
 def test_bad_request_batched_with_good_ones_fails_alone(served):
-    """Eight requests of the same byte length (so Triton may batch them) sent at once, one bad: when they meet in ONE
-    preprocess execution (statistics prove it), the bad one fails with its 4xx and the seven good ones are answered."""
+    """A full preprocess batch of requests of the same byte length (so Triton may batch them) sent at once, one bad:
+    when they meet in ONE preprocess execution (statistics prove it), the bad one fails with its 4xx and the good ones
+    are answered."""
     import tritonclient.grpc as g
     from tritonclient.utils import InferenceServerException
 
@@ -258,12 +261,13 @@ def test_bad_request_batched_with_good_ones_fails_alone(served):
     bads = {"format": bytes(np.random.default_rng(0).integers(0, 256, len(good), dtype=np.uint8)[1:].tobytes() + b"x"),
             "decode": b"\xff\xd8\xff" + bytes(len(good) - 3)}
     stats_client = g.InferenceServerClient(server.grpc_url)
-    clients = [g.InferenceServerClient(server.grpc_url) for _ in range(8)]
+    n = PYTHON_MAX_BATCH   # the python preprocess's max batch (bounded for its shared memory)
+    clients = [g.InferenceServerClient(server.grpc_url) for _ in range(n)]
     for kind, bad in bads.items():
         assert len(bad) == len(good)
         rounds = []
         for _ in range(15):
-            payloads, results, barrier = [bad] + [good] * 7, [None] * 8, threading.Barrier(8)
+            payloads, results, barrier = [bad] + [good] * (n - 1), [None] * n, threading.Barrier(n)
 
             def send(i):
                 barrier.wait()
@@ -273,7 +277,7 @@ def test_bad_request_batched_with_good_ones_fails_alone(served):
                     results[i] = err
 
             before = model_stats(stats_client, "preprocess")
-            threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -286,10 +290,10 @@ def test_bad_request_batched_with_good_ones_fails_alone(served):
                 assert not isinstance(r, Exception), (kind, r)
                 np.testing.assert_allclose(r[0], ref[0], atol=1e-4)
             rounds.append((after[0] - before[0], after[1] - before[1]))
-            if rounds[-1] == (1, 8):  # eight requests, one execution: all eight were in one batch
+            if rounds[-1] == (1, n):  # n requests, one execution: all were in one batch
                 break
-        assert rounds[-1] == (1, 8), (kind, "(executions, requests) per round", rounds)
-        print(f"\n{kind}: batched with 7 good requests in round {len(rounds)}: {rounds}")
+        assert rounds[-1] == (1, n), (kind, "(executions, requests) per round", rounds)
+        print(f"\n{kind}: batched with {n - 1} good requests in round {len(rounds)}: {rounds}")
 
 
 def test_rejections_are_counted_by_reason(served):
