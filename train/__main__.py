@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     try:   # every rank writes here (DeepSpeed saves one shard per rank): refuse now, not at the first checkpoint
-        check_writable(cfg.output_dir, os.path.join(cfg.output_dir, "checkpoints"))
+        check_writable(cfg.output_dir)
     except StorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -75,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
+        check_writable(os.path.join(cfg.output_dir, "checkpoints"))   # after the lock: a refused run writes nothing
         trainer = Trainer(cfg)
         try:
             trainer.fit()
         finally:
             trainer.close()
-    except (DataError, EngineError, CheckpointError, PretrainedError, ConfigError, MetricsPortError) as err:
+    except (DataError, EngineError, CheckpointError, PretrainedError, ConfigError, MetricsPortError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:   # a write refused later in the run (folder made read-only, permissions changed)
