@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from serve.errors import ServeError, missing_extra
+from serve.errors import ServeError, run_command
 
 
 def _export(a) -> int:
@@ -237,18 +237,7 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return args.func(args)
-    except ServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as err:
-        if not missing_extra(err):
-            raise
-        print(f"error: {missing_extra(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

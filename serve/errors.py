@@ -1,4 +1,8 @@
 """The one user-facing error type of ``serve``: the CLI prints its message as one sentence and exits 2."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class ServeError(RuntimeError):
@@ -18,3 +22,19 @@ def missing_extra(err: ModuleNotFoundError) -> str:
         return ""
     return (f"this command needs '{err.name}', which this install lacks; install the '{extra}' extra: "
             f"pip install 'seresnet-stack[{extra}]' (from a checkout: pip install -c constraints.txt '.[{extra}]').")
+
+
+def run_command(call: Callable[[], int]) -> int:
+    """Run a CLI command: a ServeError or a missing optional dependency ends in one sentence and exit 2."""
+    try:
+        return call()
+    except ServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if not missing_extra(err):
+            raise
+        print(f"error: {missing_extra(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

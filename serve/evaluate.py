@@ -104,14 +104,20 @@ def evaluate_folder(url: str, folder: str | Path, protocol: str = "grpc", out_di
         "concurrency": concurrency, "confusion": confusion.tolist(), "failures": failures[:50],
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        (out / "confusion.json").write_text(json.dumps({"classes": probe, "matrix": confusion.tolist()}))
-        plot_confusion(confusion, probe, out / "confusion.png",
-                       f"served top-1 {100 * (report['top1'] or 0):.2f}% ({answered} of {n} images answered, {protocol})")
+        out = write_report_files(out_dir, report, probe, confusion,
+                                 f"served top-1 {100 * (report['top1'] or 0):.2f}% ({answered} of {n} images answered, {protocol})")
         report["files"] = {"report": str(out / "report.json"), "confusion_png": str(out / "confusion.png")}
     return report
+
+
+def write_report_files(out_dir: str | Path, report: dict, classes: list[str], confusion: np.ndarray, title: str) -> Path:
+    """report.json, confusion.json and confusion.png of an evaluation into ``out_dir`` (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "confusion.json").write_text(json.dumps({"classes": classes, "matrix": confusion.tolist()}))
+    plot_confusion(confusion, classes, out / "confusion.png", title)
+    return out
 
 
 def _labels(clf: TritonClassifier, images: list[Path], n_classes: int, tries: int = 20) -> list[str]:

@@ -7,7 +7,6 @@ confusion.png sit beside it. An image that cannot be decoded is an error (listed
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from serve.errors import ServeError, missing_extra
-from serve.evaluate import labelled_files
+from serve.errors import ServeError, run_command
+from serve.evaluate import labelled_files, write_report_files
 from serve.export import load_checkpoint, ort_session, read_export
-from train.evaluate import per_class, plot_confusion
+from train.evaluate import per_class
 from train.provenance import config_fingerprint, listing_fingerprint, provenance
 from train.transforms import EvalSpec, ImageDecodeError, decode_image, eval_transform
 
@@ -150,12 +149,8 @@ def evaluate_offline(folder: str | Path, out_dir: str | Path, *, checkpoint: Opt
         "provenance": provenance(data_fingerprint=listing_fingerprint(
             (p.relative_to(root).as_posix(), c) for p, c in pairs)) | {"config_fingerprint": scorer.config_fingerprint},
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "confusion.json").write_text(json.dumps({"classes": classes, "matrix": confusion.tolist()}))
-    plot_confusion(confusion, classes, out / "confusion.png",
-                   f"offline top-1 {100 * top1:.2f}% ({scored} images, {scorer.source['runtime']})")
+    write_report_files(out_dir, report, classes, confusion,
+                       f"offline top-1 {100 * top1:.2f}% ({scored} images, {scorer.source['runtime']})")
     return report
 
 
@@ -174,17 +169,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 
 def run(a: argparse.Namespace) -> int:
-    try:
-        r = evaluate_offline(a.data, a.out, checkpoint=a.checkpoint, onnx=a.onnx, batch_size=a.batch_size,
-                             workers=a.workers, threads=a.threads, progress=not a.no_progress)
-    except ServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as err:
-        if not missing_extra(err):
-            raise
-        print(f"error: {missing_extra(err)}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _evaluate_and_print(a))
+
+
+def _evaluate_and_print(a: argparse.Namespace) -> int:
+    r = evaluate_offline(a.data, a.out, checkpoint=a.checkpoint, onnx=a.onnx, batch_size=a.batch_size,
+                         workers=a.workers, threads=a.threads, progress=not a.no_progress)
     print(f"[evaluate] {r['scored']} of {r['images']} images from {r['folder']} ({r['runtime']}): top-1 "
           f"{100 * r['top1']:.2f}%  top-{r['top5_k']} {100 * r['top5']:.2f}%  errors {r['errors']}")
     print(f"[evaluate] wrote {Path(a.out) / 'report.json'} and {Path(a.out) / 'confusion.png'}")
