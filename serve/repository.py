@@ -27,6 +27,7 @@ from serve.settings import serve_settings
 from serve.export import export_onnx, load_checkpoint, read_export, write_spec
 from serve.model_config import (add_batching as _batching, add_jpeg_warmup, pb as _pb, python_batch, queue_limits,
                                 request_bytes_limit, set_limits, set_param as _param)
+from serve.repository_lock import writing
 from serve.repository_dali import (add_guard_step, dali_preprocess_config, dali_preprocess_files, guard_config,
                                    require_checked_route)
 from serve.tensorrt_qdq import require_tensorrt_qdq
@@ -281,7 +282,7 @@ def write_model_repository(source: str | Path, out_dir: str | Path, target: str 
         raise ServeError(f"'{source}' does not exist; pass an export folder (python -m serve export) or a checkpoint.")
     if plan is not None and not Path(plan).is_file():
         raise ServeError(f"TensorRT plan '{plan}' does not exist; build it with 'python -m serve trt'.")
-    with tempfile.TemporaryDirectory(prefix="seresnet-export-") as tmp:
+    with writing(out_dir), tempfile.TemporaryDirectory(prefix="seresnet-export-") as tmp:
         out = prepare_out(out_dir)
         export_dir, onnx = _export_folder(Path(source), Path(onnx_path) if onnx_path else None, precision, images, Path(tmp), out,
                                           target)

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from serve.contract import CLASSIFIER, REPOSITORY_MARKER
 from serve.errors import ServeError
 from serve.repository import parse_pbtxt, to_pbtxt, write_model_repository
+from serve.repository_lock import writing
 
 # Fields of repository.json that every version of one repository must share: the ensemble, preprocess and labels
 # are written once for all versions of the classifier.
@@ -64,9 +65,9 @@ def write_versioned_repository(source: str | Path, out_dir: str | Path, *, versi
     if out.is_dir() and any(out.iterdir()) and not (out / REPOSITORY_MARKER).is_file():
         raise ServeError(f"--out '{out_dir}' is a non-empty folder that 'serve repository' did not write (no {REPOSITORY_MARKER}); "
                          "pass a new or empty folder.")
-    kept = [v for v in _versions(out / CLASSIFIER) if v != version]
-    old_meta = json.loads((out / "repository.json").read_text()) if kept and (out / "repository.json").is_file() else None
-    with tempfile.TemporaryDirectory(prefix="seresnet-repository-", dir=out.parent if out.parent.is_dir() else None) as tmp:
+    with writing(out), tempfile.TemporaryDirectory(prefix="seresnet-repository-", dir=out.parent) as tmp:
+        kept = [v for v in _versions(out / CLASSIFIER) if v != version]
+        old_meta = json.loads((out / "repository.json").read_text()) if kept and (out / "repository.json").is_file() else None
         new = write_model_repository(source, Path(tmp) / "repo", serve_overrides=list(serve_overrides), **kwargs)
         meta = json.loads((new / "repository.json").read_text())
         if old_meta is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from serve.errors import ServeError
+from serve.repository_lock import acquire as lock_repository, release as unlock_repository
 
 HOST = "127.0.0.1"
 STUB_PYTHON = "3.11"
@@ -134,6 +135,7 @@ class TritonServer:
         self.proc: Optional[subprocess.Popen] = None
         self._fatal: Optional[str] = None
         self._reader: Optional[threading.Thread] = None
+        self._lock_fd: Optional[int] = None
 
     @property
     def http_url(self) -> str:
@@ -169,11 +171,19 @@ class TritonServer:
         binary = tritonserver_binary()
         if not binary.is_file():
             raise ServeError(f"tritonserver not found at '{binary}'; run scripts/setup_env.sh (make venv) to unpack it.")
+        # Shared with other servers, refused while 'serve repository' writes it; the server process inherits the
+        # descriptor, so the repository stays locked while it runs even if this process is killed.
+        self._lock_fd = lock_repository(self.repository, "serve")
         make_backend_dir(Path(self._tmp.name))
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=server_env(self.stub_python_bin), cwd=self.cwd,
-                                     text=True, errors="replace", start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         env=server_env(self.stub_python_bin), cwd=self.cwd, text=True, errors="replace",
+                                         start_new_session=True, pass_fds=() if self._lock_fd is None else (self._lock_fd,))
+        except BaseException:
+            unlock_repository(self._lock_fd)
+            self._lock_fd = None
+            raise
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self.wait_ready()
@@ -230,6 +240,8 @@ class TritonServer:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(5)
+        unlock_repository(self._lock_fd)
+        self._lock_fd = None
         rc = self.proc.returncode
         return rc
 
