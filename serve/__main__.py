@@ -90,7 +90,7 @@ def _classify(a) -> int:
     from serve.client import classify_files
 
     results = classify_files(a.images, a.url, a.protocol, a.k, a.model, a.concurrency, progress=not a.no_progress,
-                             max_attempts=a.max_attempts)
+                             max_attempts=a.max_attempts, timeout_s=a.timeout)
     failed = 0
     for r in results:
         if r.ok:
@@ -111,7 +111,7 @@ def _evaluate(a) -> int:
     from serve.evaluate import evaluate_folder, format_report
 
     r = evaluate_folder(a.url, a.folder, a.protocol, a.out, model=a.model, concurrency=a.concurrency,
-                        progress=not a.no_progress, max_attempts=a.max_attempts)
+                        progress=not a.no_progress, max_attempts=a.max_attempts, timeout_s=a.timeout)
     print(format_report(r))
     return 0
 
@@ -210,6 +210,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     c.add_argument("--model", default="classify", help="model to ask (default: the classify ensemble, which takes encoded bytes)")
     c.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     c.add_argument("--max-attempts", type=int, default=6, help="attempts per image on transient errors (default 6)")
+    c.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one request may take before it counts as failed (and is retried, as a transient error) "
+                        "(default 60)")
     c.add_argument("--json", help="also write the results to this JSON file")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_classify)
@@ -221,6 +224,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     v.add_argument("--model", default="classify", help="model to ask (default: the classify ensemble)")
     v.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     v.add_argument("--max-attempts", type=int, default=6, help="attempts per image on transient errors (default 6)")
+    v.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one request may take before it counts as failed (and is retried, as a transient error) "
+                        "(default 60)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=_evaluate)
     return p

@@ -114,6 +114,11 @@ class TritonClassifier:
             self._local.client = c
         return c
 
+    def _deadline(self) -> dict:
+        """Per-call timeout: gRPC takes it per call (DEADLINE_EXCEEDED), the HTTP client has it from its constructor
+        (connection and network timeouts), so a server that accepts connections and never answers ends every call."""
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+
     def check(self, k: int = 5, input_name: str = INPUT) -> int:
         """Before any image is sent: the server answers (with the retry policy), the model is ready, takes encoded
         bytes (a UINT8 ``input_name``) and answers ``OUTPUT``, and 1 <= k <= its classes. Returns the class count;
@@ -121,19 +126,24 @@ class TritonClassifier:
         from tritonclient.utils import InferenceServerException
 
         c = self._client()
+        deadline = self._deadline()
         try:
             for attempt in retrying(self.max_attempts, self.max_retry_seconds):
                 with attempt:
-                    if not c.is_server_live():
+                    if not c.is_server_live(**deadline):
                         raise ConnectionError("server not live")
         except Exception as err:  # noqa: BLE001 - the final error of the retry policy
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ServeError(f"cannot reach a Triton server at {self.url} over {self.protocol} ({first}); start one with "
-                             "'python -m serve up' or fix --url/--protocol.") from None
+            raise ServeError(f"cannot reach a Triton server at {self.url} over {self.protocol} ({first}; {self.timeout_s:g} s "
+                             "per try); start one with 'python -m serve up', fix --url/--protocol, or raise --timeout.") from None
         try:
-            ready = c.is_model_ready(self.model)
-            meta = c.get_model_metadata(self.model, **({"as_json": True} if self.protocol == "grpc" else {})) if ready else None
-        except InferenceServerException:
+            ready = c.is_model_ready(self.model, **deadline)
+            meta = c.get_model_metadata(self.model, **({"as_json": True} if self.protocol == "grpc" else {}),
+                                        **deadline) if ready else None
+        except InferenceServerException as err:
+            if is_transient(err):
+                raise ServeError(f"the Triton server at {self.url} did not answer whether '{self.model}' is ready "
+                                 f"({str(err).splitlines()[0]}); check the server, or raise --timeout.") from None
             ready, meta = False, None
         if not ready:
             raise ServeError(f"model '{self.model}' is not ready on {self.url}; pass --model with a served model (default '{ENSEMBLE}').")
@@ -156,8 +166,7 @@ class TritonClassifier:
         inp = self._mod.InferInput(input_name, list(array.shape), dtype)
         inp.set_data_from_numpy(array)
         out = self._mod.InferRequestedOutput(OUTPUT, class_count=k)
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        res = self._client().infer(self.model, [inp], outputs=[out], **kwargs)
+        res = self._client().infer(self.model, [inp], outputs=[out], **self._deadline())
         arr = res.as_numpy(OUTPUT)
         if arr is None or arr.size == 0:
             raise ServeError(f"'{self.model}' answered an empty '{OUTPUT}' tensor (numpy>=2 in the python stub's environment?).")
@@ -181,7 +190,7 @@ class TritonClassifier:
 
 def classify_files(paths: Iterable[str | Path], url: str, protocol: str = "grpc", k: int = 5, model: str = ENSEMBLE,
                    concurrency: int = 8, progress: bool = False, max_attempts: int = 6,
-                   max_retry_seconds: float = 60.0, check: bool = True) -> list[FileResult]:
+                   max_retry_seconds: float = 60.0, check: bool = True, timeout_s: float = 60.0) -> list[FileResult]:
     """Classify image files concurrently; results in input order, each with top-k, latency and any final error.
 
     With ``check`` (default) the server, ``model`` and ``k`` are validated first (TritonClassifier.check)."""
@@ -190,7 +199,8 @@ def classify_files(paths: Iterable[str | Path], url: str, protocol: str = "grpc"
     files = find_images(paths)
     if not files:
         raise ServeError("no image files found; pass JPEG/PNG files or folders of them.")
-    clf = TritonClassifier(url, protocol, model, max_attempts=max_attempts, max_retry_seconds=max_retry_seconds)
+    clf = TritonClassifier(url, protocol, model, timeout_s=timeout_s, max_attempts=max_attempts,
+                           max_retry_seconds=max_retry_seconds)
     if check:
         clf.check(k)
     bar = None

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from serve.client import FileResult, TritonClassifier
+from serve.client import FileResult, TritonClassifier, is_transient, retrying
 from serve.contract import ENSEMBLE
 from serve.errors import ServeError
 from serve.images import find_images
@@ -40,14 +40,15 @@ def latency_summary(ms: list[float]) -> dict:
 
 def evaluate_folder(url: str, folder: str | Path, protocol: str = "grpc", out_dir: Optional[str | Path] = None, *,
                     model: str = ENSEMBLE, concurrency: int = 8, progress: bool = True, max_attempts: int = 6,
-                    max_retry_seconds: float = 60.0) -> dict:
+                    max_retry_seconds: float = 60.0, timeout_s: float = 60.0) -> dict:
     """Classify every ``folder/<class>/<image>`` through the server at ``url`` and return the report dict.
 
     Class names are matched to the served model's labels (a folder class the model does not know is an error).
     A failed request is an error, not a miss: top-1/top-5 are over the answered images, ``errors`` counts the rest. With ``out_dir``: report.json, confusion.json,
     confusion.png there."""
     pairs = labelled_files(folder)
-    clf = TritonClassifier(url, protocol, model, max_attempts=max_attempts, max_retry_seconds=max_retry_seconds)
+    clf = TritonClassifier(url, protocol, model, timeout_s=timeout_s, max_attempts=max_attempts,
+                           max_retry_seconds=max_retry_seconds)
     n_classes = clf.check(1)
     k = min(5, n_classes)
     # The model's label list, in index order: ask for every class once (the classification extension names them).
@@ -126,8 +127,17 @@ def _labels(clf: TritonClassifier, images: list[Path], n_classes: int, tries: in
 
     for image in images[:tries]:
         try:
-            top = clf.infer_array(np.frombuffer(image.read_bytes(), dtype=np.uint8)[None, :], k=n_classes)[0]
-        except (InferenceServerException, OSError):
+            data = image.read_bytes()
+        except OSError:
+            continue
+        try:
+            for attempt in retrying(clf.max_attempts, clf.max_retry_seconds):
+                with attempt:
+                    top = clf.infer_array(np.frombuffer(data, dtype=np.uint8)[None, :], k=n_classes)[0]
+        except (InferenceServerException, OSError) as err:
+            if is_transient(err):   # retried and still failing: the server, not this image; do not wait out 19 more
+                raise ServeError(f"the Triton server at {clf.url} did not answer ({str(err).splitlines()[0]}); check the "
+                                 "server, or raise --timeout.") from None
             continue
         labels = [""] * n_classes
         for p in top:
