@@ -224,6 +224,33 @@ class TritonServer:
             time.sleep(0.25)
         self._fail(f"tritonserver was not ready after {self.ready_timeout:.0f} s (a python stub may have hung)")
 
+    def stubs(self) -> dict[int, str]:
+        """The server's python stubs: {pid: 'model'} (from /proc; the stub's first argument is <model>/<version>/model.py)."""
+        found = {}
+        if self.proc is None:
+            return found
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self.proc.pid and argv[0].endswith(b"triton_python_backend_stub"):
+                model = Path(argv[1].decode(errors="replace")).parent.parent.name if len(argv) > 1 else "?"
+                found[int(stat.parent.name)] = f"'{model}'"
+        return found
+
+    def dead_stub(self, watched: dict[int, str]) -> Optional[str]:
+        """'model' (pid N) of a stub in ``watched`` that has exited (gone or a zombie), None while all run."""
+        for pid, name in watched.items():
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "gone"
+            if state in ("gone", "Z", "X"):
+                return f"{name} (pid {pid})"
+        return None
+
     def _fail(self, why: str) -> None:
         self.stop()
         raise ServeError(f"{why}; see the log at {self.log_path}:\n{self.log_tail()}")
@@ -268,9 +295,19 @@ def run_foreground(repository: str | Path, http_port: int = 8000, grpc_port: int
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     server.start()
+    stubs = server.stubs()
     print(f"[serve] ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}  "
-          f"(repository {server.repository}; SIGTERM or Ctrl-C stops it)", flush=True)
+          f"(repository {server.repository}; {len(stubs)} python stubs; SIGTERM or Ctrl-C stops it)", flush=True)
     while server.proc.poll() is None:
+        dead = None if stop.is_set() else server.dead_stub(stubs)
+        if dead:
+            # Triton does not restart a python stub that died, and every request to its model fails from then on
+            # while /v2/health/ready (2.51) stays 200: stop, so that whatever restarts this command restarts the server.
+            print(f"[serve] error: the python stub of {dead} died and Triton does not restart it; the server was stopped "
+                  "so that it can be started again (a supervisor that restarts 'serve up' on a non-zero exit does it).",
+                  file=sys.stderr, flush=True)
+            server.stop()
+            return 3
         time.sleep(0.5)
     server.stop()
     return 0 if stop.is_set() else (server.proc.returncode or 0)

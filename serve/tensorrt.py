@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 from serve.contract import CLASSIFIER, EXPORT_FP16_ONNX, EXPORT_ONNX, EXPORT_SPEC, INPUT_NAME, plan_filename
 from serve.errors import ServeError
-from serve.trt_onnx import (QDQ_OPS, onnx_has_qdq, onnx_image_size, onnx_is_fp16,  # noqa: F401 (re-exported)
+from serve.trt_onnx import (onnx_has_qdq, onnx_image_size, onnx_is_fp16,  # noqa: F401 (re-exported)
                              parse_trtexec_perf, write_fp16_onnx)
 from train.compat import load_table
 

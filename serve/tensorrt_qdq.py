@@ -22,9 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from serve.errors import ServeError
-
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
+from serve.trt_onnx import QDQ_OPS
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 

@@ -222,9 +222,13 @@ def test_triton_deployment_production_settings(rendered):
     assert_non_inference_apis_restricted(triton)
     assert "--metrics-config=summary_latencies=true" in triton["args"]
     assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
-    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
-                        ("livenessProbe", "/v2/health/live")):
-        assert triton[probe]["httpGet"]["path"] == path
+    # Liveness on readiness: with --strict-readiness a dead python stub makes Triton (>= 26.01) not ready, and Triton
+    # never restarts it; /v2/health/live would stay 200 and keep the broken pod. A minute, not a blip, restarts it.
+    assert "--strict-readiness=true" in triton["args"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert triton[probe]["httpGet"]["path"] == "/v2/health/ready", probe
+    live = triton["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60 and live.get("timeoutSeconds", 1) >= 5, live
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
     init = spec["initContainers"][0]
     assert init["image"] == triton["image"], "plans must be built by the TensorRT that loads them"

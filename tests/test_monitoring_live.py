@@ -55,6 +55,7 @@ class Prometheus:
                 if self.proc.poll() is not None:
                     break
                 time.sleep(0.3)
+        self.stop()   # a Prometheus that never became ready is not left running
         raise RuntimeError(f"prometheus did not become ready: {(workdir / 'prometheus.log').read_text()[-2000:]}")
 
     def api(self, path: str, **params) -> dict:
@@ -73,11 +74,13 @@ class Prometheus:
         return res.get("status") == "success" and bool(res["data"]["result"])
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.log.close()
 
 

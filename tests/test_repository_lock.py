@@ -56,7 +56,12 @@ def _holder(out: Path) -> subprocess.Popen:
     """Another writer, caught while it writes: a real process holding the writer's lock on ``out``."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=REPO_ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
+    try:
+        assert proc.stdout.readline().strip() == "held"
+    except BaseException:   # it never said it holds the lock: it is not left running
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 

@@ -29,7 +29,12 @@ def _holder(out: Path, after: str = "time.sleep(600)") -> subprocess.Popen:
     """A real process holding the lock on ``out`` (it prints 'held' once it does)."""
     p = subprocess.Popen([PY, "-c", HOLD.format(after=after), str(out)], env=subprocess_env(), cwd=ROOT,
                          stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "held"
+    try:
+        assert p.stdout.readline().strip() == "held"
+    except BaseException:   # it never said it holds the lock: it is not left running
+        p.kill()
+        p.wait()
+        raise
     return p
 
 
