@@ -265,6 +265,13 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the server and its stubs
                 self.proc.wait()
+        # Stubs of a server that died (killed, crashed) may run on: one blocks for ever when the kill lands while the
+        # server holds that stub's health mutex (a non-robust interprocess mutex its health thread takes before it
+        # checks the parent, pb_stub.cc). They are in the server's process group, which outlives its leader.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self._reader is not None:
             self._reader.join(5)
         unlock_repository(self._lock_fd)

@@ -309,7 +309,8 @@ def _running(proc) -> bool:
 def test_server_sigkill_under_load_every_request_ends_answered_and_no_stub_outlives_it(served):
     """SIGKILL of tritonserver itself (no graceful shutdown) while 16 threads send 240 requests; a new server starts on
     the same ports at once. Every request ends answered with the right top-1 (the retry policy rides over the outage),
-    and the killed server's python stubs do not outlive it."""
+    and no python stub of the killed server outlives its TritonServer's stop(). Triton's stubs watch their parent and
+    mostly exit by themselves (~60 s, measured and printed), but one can block for ever (see TritonServer.stop)."""
     import psutil
 
     from serve.server import TritonServer
@@ -329,11 +330,14 @@ def test_server_sigkill_under_load_every_request_ends_answered_and_no_stub_outli
     t_kill = time.perf_counter()
     try:
         results, at = _load(served, 240, 40, kill_and_restart)
-        # A stub exits once its parent has been silent for stub-timeout-seconds (60, serve/server.py): ~56 s measured
-        # on a quiet host; a loaded 2-core host has taken over 90 s, so the bound is the timeout plus 90 s of slack.
-        gone, alive = psutil.wait_procs(orphans, timeout=150)
-        alive = [q for q in alive if _running(q)]   # a zombie has exited; only a PID 1 that does not reap keeps it
+        # How long the stubs take by themselves (information: ~56 s on a quiet host, never for a blocked one) ...
+        gone, alive = psutil.wait_procs(orphans, timeout=30)
+        by_themselves = [q for q in orphans if not _running(q)]
         stub_exit_s = time.perf_counter() - t_kill
+        # ... and what the product guarantees: stop() of the dead server's TritonServer leaves none running.
+        old.stop()
+        gone, alive = psutil.wait_procs(orphans, timeout=3)
+        alive = [q for q in alive if _running(q)]   # a zombie has exited; only a PID 1 that does not reap keeps it
     finally:
         for p in orphans:
             try:
@@ -345,10 +349,10 @@ def test_server_sigkill_under_load_every_request_ends_answered_and_no_stub_outli
     _assert_answers_right(served, results)
     retried = sum(r.attempts > 1 for r in results)
     assert retried > 0, "no request was in flight during the outage"
-    if alive:   # Triton's stubs watch their parent; some have outlived a SIGKILLed server here (killed above)
-        pytest.xfail(f"python stubs of the killed server still running 150 s later: {alive}")
+    assert not alive, f"python stubs of the killed server still running after its stop(): {alive}"
     print(f"\nRELIABILITY server SIGKILL: killed at {at:.1f} s, {len(results)} answered, {retried} retried (max "
-          f"{max(r.attempts for r in results)} attempts), 0 failed; the old stubs exited within {stub_exit_s:.1f} s")
+          f"{max(r.attempts for r in results)} attempts), 0 failed; {len(by_themselves)} of {len(orphans)} old stubs "
+          f"had exited by themselves {stub_exit_s:.1f} s after the load began, none ran after stop()")
 
 
 def test_a_stub_crash_during_serve_evaluate_counts_errors_never_misses(served, tmp_path):
@@ -389,9 +393,11 @@ def test_a_stub_crash_during_serve_evaluate_counts_errors_never_misses(served, t
 def test_python_stub_sigkill_under_load_fails_alone_and_the_server_recovers(served):
     """SIGKILL of the `preprocess` python stubs while 16 threads send 240 requests: the requests that reach them end in
     a final error naming the stub (a server-side failure is not retried), every other request is answered with the
-    right top-1, no request hangs, the server process stays up. Known gap, measured here: Triton 2.51 does not restart
-    a python stub killed this way; the model answers 'Stub process ... is not healthy' until the server restarts, while
-    the server's readiness stays 200 (recorded as an expected failure until that changes)."""
+    right top-1, no request hangs, the server process stays up. Known gap of Triton, measured here: 2.51 does not
+    restart a python stub killed this way; the model answers 'Stub process ... is not healthy' until the server
+    restarts, while the server's readiness stays 200 (recorded as an expected failure until that changes). What
+    recovers it: `serve up` exits 3 naming the model (tests/test_serve_up_stub.py), and the Triton pods' liveness probe
+    is readiness, which Triton >= 26.01 turns false for a dead stub (tests/test_k8s_manifests.py)."""
     from serve.client import TritonClassifier
     from serve.server import TritonServer
 
@@ -414,7 +420,7 @@ def test_python_stub_sigkill_under_load_fails_alone_and_the_server_recovers(serv
         ready = server.is_ready()
         clf = TritonClassifier(server.grpc_url, "grpc", max_attempts=3)
         name = next(iter(served["images"]))
-        deadline, after = time.time() + 60, None
+        deadline, after = time.time() + 30, None
         while time.time() < deadline:
             after = clf.classify_bytes(served["images"][name], k=1, name=name)
             if after.ok:
@@ -426,7 +432,8 @@ def test_python_stub_sigkill_under_load_fails_alone_and_the_server_recovers(serv
                                         metrics_port=server.metrics_port, ready_timeout=240).start()
     print(f"\nRELIABILITY stub SIGKILL: killed at {at:.1f} s, {len(results) - len(failed)} answered, {len(failed)} "
           f"final errors ({failed[0].error[:120] if failed else '-'}); server ready {ready}; answering again within "
-          f"60 s: {after.ok}")
+          f"30 s: {after.ok}")
     if not after.ok:
-        pytest.xfail(f"the killed python stub was not restarted within 60 s ({after.error}); server ready: {ready}")
+        pytest.xfail(f"Triton did not restart the killed python stub within 30 s ({after.error}); server ready: {ready}; "
+                     "'serve up' and the pods' liveness probe restart the server instead")
     _assert_answers_right(served, [after])
