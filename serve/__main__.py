@@ -194,7 +194,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                                             "Triton's latest:1)")
     r.set_defaults(func=_repository)
 
-    u = sub.add_parser("up", help="Run tritonserver in the foreground on 127.0.0.1 until SIGTERM.")
+    u = sub.add_parser("up", help="Run tritonserver in the foreground on 127.0.0.1 until SIGTERM; exits 3 when a python stub "
+                                  "dies (Triton does not restart it), for a supervisor to start it again.")
     u.add_argument("--repository", required=True, help="a repository written by 'repository'")
     u.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = a free port)")
     u.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = a free port)")
