@@ -21,6 +21,13 @@ ROWS = [
     ("HTTP: queue full (load shed)", InferenceServerException("Exceeds maximum queue size", "503"), True),
     ("gRPC: queued past its timeout", InferenceServerException("Request timeout expired", "StatusCode.UNAVAILABLE"),
      True),
+    # By status alone (a message none of the text rules match): a proxy or load balancer in front of Triton answers
+    # these for a pod that is gone or draining.
+    ("gRPC UNAVAILABLE from a proxy (status only)", InferenceServerException("upstream connect error", "StatusCode.UNAVAILABLE"),
+     True),
+    ("HTTP 503 from a proxy (status only)", InferenceServerException("no healthy upstream", "503"), True),
+    ("HTTP 502 from a proxy (status only)", InferenceServerException("bad gateway", "502"), True),
+    ("HTTP 504 from a proxy (status only)", InferenceServerException("gateway timeout", "504"), True),
     ("gRPC: deadline of the client's timeout", InferenceServerException("Deadline Exceeded",
                                                                         "StatusCode.DEADLINE_EXCEEDED"), True),
     ("gRPC: over-size request (server's receive limit)",

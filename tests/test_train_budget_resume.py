@@ -143,12 +143,20 @@ def test_resume_with_a_changed_schedule_follows_the_new_schedule_from_the_resume
     assert any(abs(lr - old((s - 1) * 4)) > 1e-6 for s, lr in after.items()), "the schedules must differ to prove it"
 
 
-def test_resume_refuses_a_different_class_list(trained_run, tmp_path):
+def test_resume_refuses_a_different_class_list(trained_run, tiny_imagefolder, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
     other = make_imagefolder(tmp_path / "four", classes=4, counts=(8, 4, 4))
     r = train(out, other, "train.max_steps=4")
     assert r.returncode == 2 and "classes" in r.stderr and "train.resume=false" in r.stderr, r.stderr[-2000:]
+    # The same number of classes under another name: the weights would load, the labels would be wrong.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_imagefolder, renamed)
+    first = sorted(p.name for p in (renamed / "train").iterdir() if p.is_dir())[0]
+    for split in (p for p in renamed.iterdir() if (p / first).is_dir()):
+        (split / first).rename(split / "zz_renamed")
+    r = train(out, renamed, "train.max_steps=4")
+    assert r.returncode == 2 and "was trained on 3 classes" in r.stderr and "zz_renamed" in r.stderr, r.stderr[-2000:]
 
 
 def test_ema_weights_are_checkpointed_for_export(tiny_imagefolder, tmp_path):
