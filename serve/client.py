@@ -140,10 +140,10 @@ class TritonClassifier:
             ready = c.is_model_ready(self.model, **deadline)
             meta = c.get_model_metadata(self.model, **({"as_json": True} if self.protocol == "grpc" else {}),
                                         **deadline) if ready else None
-        except InferenceServerException as err:
+        except (InferenceServerException, OSError) as err:   # OSError: the HTTP client's network timeout
             if is_transient(err):
                 raise ServeError(f"the Triton server at {self.url} did not answer whether '{self.model}' is ready "
-                                 f"({str(err).splitlines()[0]}); check the server, or raise --timeout.") from None
+                                 f"({(str(err).splitlines() or [type(err).__name__])[0]}); check the server, or raise --timeout.") from None
             ready, meta = False, None
         if not ready:
             raise ServeError(f"model '{self.model}' is not ready on {self.url}; pass --model with a served model (default '{ENSEMBLE}').")

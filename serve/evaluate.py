@@ -136,7 +136,7 @@ def _labels(clf: TritonClassifier, images: list[Path], n_classes: int, tries: in
                     top = clf.infer_array(np.frombuffer(data, dtype=np.uint8)[None, :], k=n_classes)[0]
         except (InferenceServerException, OSError) as err:
             if is_transient(err):   # retried and still failing: the server, not this image; do not wait out 19 more
-                raise ServeError(f"the Triton server at {clf.url} did not answer ({str(err).splitlines()[0]}); check the "
+                raise ServeError(f"the Triton server at {clf.url} did not answer ({(str(err).splitlines() or [type(err).__name__])[0]}); check the "
                                  "server, or raise --timeout.") from None
             continue
         labels = [""] * n_classes

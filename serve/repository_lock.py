@@ -64,6 +64,8 @@ def acquire(folder: str | Path, mode: str) -> Optional[int]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 served = True
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the other writer may have finished in between
+                return fd
             except BlockingIOError:
                 pass
         os.close(fd)

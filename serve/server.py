@@ -136,6 +136,7 @@ class TritonServer:
         self._fatal: Optional[str] = None
         self._reader: Optional[threading.Thread] = None
         self._lock_fd: Optional[int] = None
+        self._group_killed = False
 
     @property
     def http_url(self) -> str:
@@ -174,9 +175,9 @@ class TritonServer:
         # Shared with other servers, refused while 'serve repository' writes it; the server process inherits the
         # descriptor, so the repository stays locked while it runs even if this process is killed.
         self._lock_fd = lock_repository(self.repository, "serve")
-        make_backend_dir(Path(self._tmp.name))
-        self._log = open(self.log_path, "w")
         try:
+            make_backend_dir(Path(self._tmp.name))
+            self._log = open(self.log_path, "w")
             self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          env=server_env(self.stub_python_bin), cwd=self.cwd, text=True, errors="replace",
                                          start_new_session=True, pass_fds=() if self._lock_fd is None else (self._lock_fd,))
@@ -184,6 +185,7 @@ class TritonServer:
             unlock_repository(self._lock_fd)
             self._lock_fd = None
             raise
+        self._group_killed = False
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self.wait_ready()
@@ -265,13 +267,15 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the server and its stubs
                 self.proc.wait()
-        # Stubs of a server that died (killed, crashed) may run on: one blocks for ever when the kill lands while the
-        # server holds that stub's health mutex (a non-robust interprocess mutex its health thread takes before it
-        # checks the parent, pb_stub.cc). They are in the server's process group, which outlives its leader.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # Stubs of a server that died (killed, crashed) run on for a while, one once for over 150 s: their own exit
+        # after the parent's death is slow and its cause was not established. They are in the server's process group,
+        # which outlives its leader while they live; killed once, while this object's process is the group's.
+        if not self._group_killed:
+            self._group_killed = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if self._reader is not None:
             self._reader.join(5)
         unlock_repository(self._lock_fd)

@@ -222,7 +222,7 @@ def test_triton_deployment_production_settings(rendered):
     assert_non_inference_apis_restricted(triton)
     assert "--metrics-config=summary_latencies=true" in triton["args"]
     assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
-    # Liveness on readiness: with --strict-readiness a dead python stub makes Triton (>= 26.01) not ready, and Triton
+    # Liveness on readiness: with --strict-readiness a dead python stub makes Triton (>= 26.04) not ready, and Triton
     # never restarts it; /v2/health/live would stay 200 and keep the broken pod. A minute, not a blip, restarts it.
     assert "--strict-readiness=true" in triton["args"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -271,6 +271,10 @@ def test_staging_restricts_model_control_with_a_key_from_a_secret(rendered):
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert "--model-control-mode=explicit" in c["args"] and "--model-control-mode=none" not in c["args"]
     assert_non_inference_apis_restricted(c)
+    # Explicit model control: not ready while a model loads through the API or after a failed load; a liveness probe on
+    # readiness would restart the pod and drop what was loaded, so staging's liveness is the process's.
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 
 def test_shared_plan_cache_component_takes_the_storage_class(kubectl, tmp_path):

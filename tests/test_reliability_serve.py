@@ -13,7 +13,6 @@ import urllib.request
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,7 +309,7 @@ def test_server_sigkill_under_load_every_request_ends_answered_and_no_stub_outli
     """SIGKILL of tritonserver itself (no graceful shutdown) while 16 threads send 240 requests; a new server starts on
     the same ports at once. Every request ends answered with the right top-1 (the retry policy rides over the outage),
     and no python stub of the killed server outlives its TritonServer's stop(). Triton's stubs watch their parent and
-    mostly exit by themselves (~60 s, measured and printed), but one can block for ever (see TritonServer.stop)."""
+    mostly exit by themselves (~60 s, measured and printed), but one once ran for over 150 s (see TritonServer.stop)."""
     import psutil
 
     from serve.server import TritonServer
@@ -397,7 +396,7 @@ def test_python_stub_sigkill_under_load_fails_alone_and_the_server_recovers(serv
     restart a python stub killed this way; the model answers 'Stub process ... is not healthy' until the server
     restarts, while the server's readiness stays 200 (recorded as an expected failure until that changes). What
     recovers it: `serve up` exits 3 naming the model (tests/test_serve_up_stub.py), and the Triton pods' liveness probe
-    is readiness, which Triton >= 26.01 turns false for a dead stub (tests/test_k8s_manifests.py)."""
+    is readiness, which Triton >= 26.04 turns false for a dead stub (tests/test_k8s_manifests.py)."""
     from serve.client import TritonClassifier
     from serve.server import TritonServer
 
