@@ -15,6 +15,7 @@ import yaml
 
 from scripts import validate_manifests as v
 from launch.torchrun import REPO_ROOT
+from train.compat import load_table
 
 PY = sys.executable
 DIRS = v.kustomization_dirs()
@@ -225,6 +226,8 @@ def test_triton_deployment_production_settings(rendered):
     # Liveness on readiness: with --strict-readiness a dead python stub makes Triton (>= 26.04) not ready, and Triton
     # never restarts it; /v2/health/live would stay 200 and keep the broken pod. A minute, not a blip, restarts it.
     assert "--strict-readiness=true" in triton["args"]
+    serving = load_table()["serving"]
+    assert serving["rows"][serving["current"]]["ready_reports_dead_stub"] is True, "liveness on readiness needs it"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert triton[probe]["httpGet"]["path"] == "/v2/health/ready", probe
     live = triton["livenessProbe"]
