@@ -30,8 +30,8 @@ CLIENTS = 48         # concurrent requests in flight: far above what 2 preproces
 OVERLOAD_S = 4.0
 
 
-def _photo_jpeg(size: int = 1200, seed: int = 0) -> bytes:
-    """A noisy 1200 px JPEG: decoding and reducing it costs the python preprocess a few ms of CPU per request."""
+def _photo_jpeg(size: int = 1600, seed: int = 0) -> bytes:
+    """A noisy 1600 px JPEG: decoding and reducing it costs the python preprocess a few ms of CPU per request."""
     rng = np.random.default_rng(seed)
     img = (rng.random((size // 8, size // 8, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -88,15 +88,21 @@ def overloaded(tmp_path_factory):
                 rss.append(_tree_rss(server.proc.pid))
                 time.sleep(0.1)
 
-        threads = [threading.Thread(target=watch)] + [
-            threading.Thread(target=_hammer, args=(TritonClassifier(server.grpc_url, "grpc"), data, stop, results))
-            for _ in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        time.sleep(OVERLOAD_S)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        # Up to three overload windows, until one has shed a request: how fast 48 client threads in one process push
+        # depends on the host (on a quiet 2-core host one window was once all answered within the timeout).
+        for _ in range(3):
+            stop.clear()
+            threads = [threading.Thread(target=watch)] + [
+                threading.Thread(target=_hammer, args=(TritonClassifier(server.grpc_url, "grpc"), data, stop, results))
+                for _ in range(CLIENTS)]
+            for t in threads:
+                t.start()
+            time.sleep(OVERLOAD_S)
+            stop.set()
+            for t in threads:
+                t.join(60)
+            if any(not good for good, _, _ in results):
+                break
         yield server, data, results, ready, rss, baseline
 
 

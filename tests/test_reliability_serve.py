@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from serve.client import SHED_MESSAGES
 from tests.serve_fixtures import big_png, gif_bytes, make_checkpoint, reference_probabilities
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
@@ -108,6 +109,7 @@ def test_1000_mixed_requests_at_concurrency_16_good_answered_bad_refused_server_
     rng.shuffle(kinds)
     assert len(kinds) == TOTAL
     local = threading.local()
+    shed: list[str] = []
 
     def client(protocol):
         key = f"c_{protocol}"
@@ -126,11 +128,18 @@ def test_1000_mixed_requests_at_concurrency_16_good_answered_bad_refused_server_
             arr, dtype, _ = bad[kind]
         inp = mod.InferInput("image", list(arr.shape), dtype)
         inp.set_data_from_numpy(arr)
-        try:
-            res = client(protocol).infer("classify", [inp], outputs=[mod.InferRequestedOutput("probabilities", class_count=3)])
-            return kind, protocol, "ok", [e.decode() if isinstance(e, bytes) else e for e in res.as_numpy("probabilities")[0]]
-        except InferenceServerException as err:
-            return kind, protocol, str(err.status()), str(err)
+        for attempt in range(20):
+            try:
+                res = client(protocol).infer("classify", [inp], outputs=[mod.InferRequestedOutput("probabilities", class_count=3)])
+                return kind, protocol, "ok", [e.decode() if isinstance(e, bytes) else e for e in res.as_numpy("probabilities")[0]]
+            except InferenceServerException as err:
+                # Load shed by the byte-bounded python queue (13 requests of up to 40 MB against 16 in flight): the
+                # server is healthy and says "later", and the client retries it (serve/client.py); anything else ends.
+                if any(m in str(err).lower() for m in SHED_MESSAGES) and attempt < 19:
+                    shed.append(kind)
+                    time.sleep(0.2 + 0.1 * attempt)
+                    continue
+                return kind, protocol, str(err.status()), str(err)
 
     poller = ReadinessPoller(server.http_url)
     poller.start()
@@ -165,7 +174,8 @@ def test_1000_mixed_requests_at_concurrency_16_good_answered_bad_refused_server_
     assert poller.polls > 20 and not poller.misses, (poller.polls, poller.misses[:5])
     assert server.proc.poll() is None and server.is_ready()
     print(f"\nRELIABILITY mixed load: {TOTAL} requests, concurrency {CONCURRENCY}, {wall:.1f} s "
-          f"({TOTAL / wall:.1f} req/s), readiness polls {poller.polls} misses 0; {dict(tally)}")
+          f"({TOTAL / wall:.1f} req/s), readiness polls {poller.polls} misses 0; {dict(tally)}; load-shed answers "
+          f"retried: {len(shed)}")
 
 
 def test_every_listening_socket_of_the_local_server_is_loopback(served):
