@@ -101,6 +101,20 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
+def lock_holder(code: str, *args: str) -> subprocess.Popen:
+    """A real process running ``python -c code args`` that prints 'held' once it holds a lock; killed (and the error
+    raised) when it never says so, so that a failed start leaves nothing running."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 def kill_tree(proc: subprocess.Popen, group: bool = False) -> None:
     """SIGKILL a launcher and every process under it (torchrun's workers run in sessions of their own, so they are
     found by parentage); ``group``: its process group too (a whole node started with start_new_session)."""

@@ -17,7 +17,7 @@ import pytest
 
 from launch.torchrun import REPO_ROOT
 from serve.export import export_onnx
-from tests.conftest import kill_tree, subprocess_env
+from tests.conftest import kill_tree, lock_holder, subprocess_env
 from tests.serve_fixtures import make_checkpoint
 
 HOLD = ("import sys, time\nfrom serve.repository_lock import writing\n"
@@ -54,15 +54,7 @@ def _one_sentence(r: subprocess.CompletedProcess, *words: str) -> None:
 
 def _holder(out: Path) -> subprocess.Popen:
     """Another writer, caught while it writes: a real process holding the writer's lock on ``out``."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=REPO_ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-    except BaseException:   # it never said it holds the lock: it is not left running
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
+    return lock_holder(HOLD, str(out))
 
 
 def test_a_second_writer_is_refused_and_a_server_waits_for_the_writer(export, tmp_path):

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from scripts import prepare_animals
-from tests.conftest import PY, ROOT, SMOKE_CONFIG, free_port, subprocess_env
+from tests.conftest import PY, ROOT, SMOKE_CONFIG, free_port, lock_holder, subprocess_env
 from train.runlock import LOCK_NAME, RunLock, RunLockError
 
 HOLD = ("import sys, time; from train.runlock import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
@@ -27,15 +27,7 @@ HOLD = ("import sys, time; from train.runlock import RunLock; lock = RunLock(sys
 
 def _holder(out: Path, after: str = "time.sleep(600)") -> subprocess.Popen:
     """A real process holding the lock on ``out`` (it prints 'held' once it does)."""
-    p = subprocess.Popen([PY, "-c", HOLD.format(after=after), str(out)], env=subprocess_env(), cwd=ROOT,
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "held"
-    except BaseException:   # it never said it holds the lock: it is not left running
-        p.kill()
-        p.wait()
-        raise
-    return p
+    return lock_holder(HOLD.format(after=after), str(out))
 
 
 def _error_lines(stderr: str) -> list[str]:
